@@ -368,8 +368,9 @@ class MemoryBackend:
         with self._lock:
             if sender is None:
                 self._frozen_mailings.discard(mailing)
+            # Like freeze, naming a sender queue makes it: its choice outlives a mailing-wide freeze.
             return sum(
-                queue.set_frozen(False, now) for queue in self._targets(mailing, sender, now, create=False)
+                queue.set_frozen(False, now) for queue in self._targets(mailing, sender, now, create=True)
             )
 
     def clear(self, mailing: str, sender: str | None, now: datetime) -> int:
