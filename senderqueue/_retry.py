@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
 from datetime import datetime, timedelta
 
 import attrs
@@ -21,8 +21,9 @@ class RetryPolicy:
 
     After the n-th attempt soft-bounces, the next one is at
     ``now + min(max_backoff, min_backoff * 2 ** (n - 1))``, times a factor in
-    ``[1 - jitter, 1 + jitter]`` drawn from ``seed``, the message id and n (so every
-    backend, and every rerun, draws the same). The message fails instead when
+    ``[1 - jitter, 1 + jitter]`` drawn from ``seed``, the message id and n: the first
+    8 hex digits of ``sha1(f"{seed}:{message_id}:{n}")`` over 2**32, so that every
+    backend (Redis computes it in Lua with ``redis.sha1hex``) and every rerun draws the same. The message fails instead when
     ``n >= max_attempts`` or ``now - created_at >= max_lifetime``.
 
     Attributes:
@@ -55,8 +56,12 @@ class RetryPolicy:
             base = self.min_backoff * (1 << exponent)
         if not self.jitter:
             return base
-        draw = random.Random(f"{self.seed}:{key}:{attempts}").random()
-        return base * (1 - self.jitter + 2 * self.jitter * draw)
+        return base * (1 - self.jitter + 2 * self.jitter * self.draw(attempts, key))
+
+    def draw(self, attempts: int, key: str) -> float:
+        """The jitter's random number in [0, 1) for this message and attempt."""
+        digest = hashlib.sha1(f"{self.seed}:{key}:{attempts}".encode(), usedforsecurity=False).hexdigest()
+        return int(digest[:8], 16) / 2**32
 
     def exhausted(self, attempts: int, created_at: datetime, now: datetime) -> bool:
         """Whether a soft bounce after ``attempts`` attempts fails the message."""
