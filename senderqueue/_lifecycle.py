@@ -177,4 +177,4 @@ def diagram() -> str:
     drawing = _Drawing()
     GraphMachine(model=drawing, graph_engine="mermaid", title="Message lifecycle", **_machine_spec())  # type: ignore[arg-type]
     source: str = drawing.get_graph().draw(None)  # type: ignore[attr-defined]
-    return source
+    return "\n".join(line.rstrip() for line in source.splitlines()) + "\n"

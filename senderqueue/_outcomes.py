@@ -1,8 +1,8 @@
 """What a delivery attempt came to, and the one table that classifies SMTP replies.
 
 RFC 5321 reply codes and RFC 3463 enhanced status codes decide: 2xx delivered,
-4xx (and any failure to talk to the server at all) a soft bounce, 5xx a hard
-bounce. :class:`Classifier` holds that rule with a table of exceptions a user
+4xx (and any failure to talk to the server at all, or a 3xx where a final reply
+was due) a soft bounce, 5xx a hard bounce. :class:`Classifier` holds that rule with a table of exceptions a user
 can extend or override.
 """
 
@@ -88,9 +88,8 @@ DEFAULT_EXCEPTIONS: Final[Mapping[str, str]] = MappingProxyType(
 reply code (``"552"``) mapped to ``"delivered"``, ``"soft"`` or ``"hard"``. The enhanced
 code is looked up first."""
 
-_REPLY = re.compile(
-    r"\s*(?P<code>[2-5]\d\d)(?:[ -](?P<enhanced>[245]\.\d{1,3}\.\d{1,3})(?=\s|$))?[ -]?(?P<text>.*)", re.S
-)
+# One line of a reply: exactly three digits, then a space, a hyphen (more lines follow) or the end.
+_LINE = re.compile(r"(?P<code>[2-5]\d\d)(?:[ -](?:(?P<enhanced>[245]\.\d{1,3}\.\d{1,3})(?= |$))? ?(?P<text>.*))?")
 
 
 def _frozen_table(table: Mapping[str, str]) -> Mapping[str, str]:
@@ -124,15 +123,21 @@ class Classifier:
         kind = self.exceptions.get(enhanced or "") or self.exceptions.get(str(code))
         if kind is None:
             digit = (enhanced or str(code))[0]
-            kind = {"2": "delivered", "3": "delivered", "4": "soft"}.get(digit, "hard")
+            # A final 3xx is a protocol error, not an acceptance: retry rather than lose the message.
+            kind = {"2": "delivered", "3": "soft", "4": "soft"}.get(digit, "hard")
         return _KINDS[kind](code=code, enhanced=enhanced, text=text)
 
     def parse(self, reply: str) -> Outcome:
-        """Classify a reply written as ``"451 4.7.1 Try again later"`` (enhanced code optional)."""
-        match = _REPLY.fullmatch(reply)
-        if match is None:
-            raise ValueError(f"{reply!r} does not start with an SMTP reply code")
-        return self.classify(int(match["code"]), match["enhanced"], match["text"].strip())
+        """Classify a reply written as ``"451 4.7.1 Try again later"`` (enhanced code optional).
+
+        A multi-line reply (``"550-5.1.1 No such user\\r\\n550 5.1.1 here"``) gives one line of text.
+        """
+        lines = [_LINE.fullmatch(line) for line in reply.strip().splitlines() or [""]]
+        first = lines[0]
+        if first is None or any(line is None or line["code"] != first["code"] for line in lines):
+            raise ValueError(f"{reply!r} is not an SMTP reply (a three-digit code on every line)")
+        text = " ".join(line["text"].strip() for line in lines if line is not None and line["text"])
+        return self.classify(int(first["code"]), first["enhanced"], text)
 
 
 def parse_reply(reply: str) -> Outcome:

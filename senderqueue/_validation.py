@@ -46,14 +46,14 @@ _ADDRESS = re.compile(
 )
 
 
-def check_id(kind: str, value: object) -> str:
-    """Return ``value`` if it is an id: 1 to 255 printable characters."""
+def check_id(kind: str, value: object, error: type[InvalidArgument] = InvalidArgument) -> str:
+    """Return ``value`` if it is an id: 1 to 255 printable characters; else raise ``error``."""
     if not isinstance(value, str):
-        raise InvalidMessage(f"{kind} must be a string, not {type(value).__name__}")
+        raise error(f"{kind} must be a string, not {type(value).__name__}")
     if not 1 <= len(value) <= MAX_ID_LENGTH:
-        raise InvalidMessage(f"{kind} must be 1 to {MAX_ID_LENGTH} characters long, not {len(value)}")
+        raise error(f"{kind} must be 1 to {MAX_ID_LENGTH} characters long, not {len(value)}")
     if not value.isprintable():
-        raise InvalidMessage(f"{kind} {value!r} has a control or separator character")
+        raise error(f"{kind} {value!r} has a control or separator character")
     return value
 
 
@@ -75,6 +75,8 @@ def _address_problem(address: str) -> str | None:
     literal = match["literal"]
     try:
         if literal.startswith("IPv6:"):
+            if "%" in literal:  # ipaddress takes a zone id; RFC 5321's IPv6-addr has none
+                return "has an IPv6 literal with a zone id"
             ipaddress.IPv6Address(literal[5:])
         else:
             ipaddress.IPv4Address(literal)
@@ -130,8 +132,8 @@ def check_messages(messages: Iterable[object], max_content_size: int, make_id: I
     for message in messages:
         if not isinstance(message, NewMessage):
             raise InvalidMessage(f"expected a NewMessage, not {type(message).__name__}")
-        check_id("mailing", message.mailing)
-        check_id("sender", message.sender)
+        check_id("mailing", message.mailing, InvalidMessage)
+        check_id("sender", message.sender, InvalidMessage)
         check_address("recipient", message.recipient)
         check_address("mail_from", message.mail_from)
         content = message.content
@@ -142,7 +144,7 @@ def check_messages(messages: Iterable[object], max_content_size: int, make_id: I
         if message.message_id is None:
             message = attrs.evolve(message, message_id=make_id())
         else:
-            check_id("message_id", message.message_id)
+            check_id("message_id", message.message_id, InvalidMessage)
             if message.message_id in seen:
                 raise DuplicateMessage(message.message_id)
             seen.add(message.message_id)

@@ -863,9 +863,14 @@ def _race(backend: Backend, messages: int) -> None:
                         delivered[claim.message.id] += 1
         problems.append(f"worker {number} did not finish in time")
 
+    # m2 starts frozen, so that the operator's first clear meets queued messages however threads run.
+    queue.freeze("m2")
+
     def operate() -> None:
         rnd = random.Random(99)
         try:
+            if queue.clear("m2", "s1") == 0:
+                problems.append("the first clear of a frozen queue deleted nothing")
             for _ in range(300):
                 mailing = rnd.choice(["m1", "m2"])
                 sender = rnd.choice([None, "s1", "s2"])
