@@ -148,6 +148,8 @@ def leave_sending(
     soft bounce or an expired lease exhausted the retry policy; else FROZEN if the
     queue is frozen; else RETRIES (a release returns to ``claimed_from``).
     """
+    if State.SENDING not in allowed(Trigger.CLAIM, claimed_from):
+        raise InvalidTransition(f"no message is claimed from {claimed_from}")
     if trigger is Trigger.DELIVER:
         dest, frozen_from = State.DELIVERED, None
     elif trigger is Trigger.HARD_BOUNCE:

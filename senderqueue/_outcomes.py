@@ -2,8 +2,8 @@
 
 RFC 5321 reply codes and RFC 3463 enhanced status codes decide: 2xx delivered,
 4xx (and any failure to talk to the server at all, or a 3xx where a final reply
-was due) a soft bounce, 5xx a hard bounce. :class:`Classifier` holds that rule with a table of exceptions a user
-can extend or override.
+was due) a soft bounce, 5xx a hard bounce. :class:`Classifier` holds that rule
+with a table of exceptions a user can extend or override.
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ reply code (``"552"``) mapped to ``"delivered"``, ``"soft"`` or ``"hard"``. The 
 code is looked up first."""
 
 # One line of a reply: exactly three digits, then a space, a hyphen (more lines follow) or the end.
-_LINE = re.compile(r"(?P<code>[2-5]\d\d)(?:[ -](?:(?P<enhanced>[245]\.\d{1,3}\.\d{1,3})(?= |$))? ?(?P<text>.*))?")
+_LINE = re.compile(
+    r"(?P<code>[2-5]\d\d)(?:[ -](?:(?P<enhanced>[245]\.\d{1,3}\.\d{1,3})(?= |$))? ?(?P<text>.*))?"
+)
 
 
 def _frozen_table(table: Mapping[str, str]) -> Mapping[str, str]:

@@ -257,7 +257,7 @@ def _check_report(report: object) -> tuple[Claim, Trigger, str | None]:
         raise InvalidArgument(f"a report is a (claim, outcome) pair, not {report!r}")
     claim, outcome = report
     _check_claim(claim)
-    trigger = _TRIGGERS.get(type(outcome))
+    trigger = next((t for kind, t in _TRIGGERS.items() if isinstance(outcome, kind)), None)
     if trigger is None:
         raise InvalidArgument(f"an outcome is Delivered, SoftBounce or HardBounce, not {outcome!r}")
     return claim, trigger, None if trigger is Trigger.DELIVER else str(outcome)

@@ -10,9 +10,19 @@ import attrs
 __all__ = ["RetryPolicy"]
 
 
+MAX_BACKOFF = timedelta(days=365)
+"""The longest wait a policy may set; a next attempt time then always fits in a datetime."""
+
+
 def _positive(_: object, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
     if value <= timedelta(0):
         raise ValueError(f"{attribute.name} must be positive, not {value}")
+
+
+def _backoff(instance: object, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
+    _positive(instance, attribute, value)
+    if value > MAX_BACKOFF:
+        raise ValueError(f"{attribute.name} must be at most {MAX_BACKOFF.days} days, not {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -23,20 +33,20 @@ class RetryPolicy:
     ``now + min(max_backoff, min_backoff * 2 ** (n - 1))``, times a factor in
     ``[1 - jitter, 1 + jitter]`` drawn from ``seed``, the message id and n: the first
     8 hex digits of ``sha1(f"{seed}:{message_id}:{n}")`` over 2**32, so that every
-    backend (Redis computes it in Lua with ``redis.sha1hex``) and every rerun draws the same. The message fails instead when
-    ``n >= max_attempts`` or ``now - created_at >= max_lifetime``.
+    backend (Redis computes it in Lua with ``redis.sha1hex``) and every rerun draws the
+    same. The message fails instead when ``n >= max_attempts`` or ``now - created_at >= max_lifetime``.
 
     Attributes:
         min_backoff: the wait after the first soft bounce.
-        max_backoff: the longest wait.
+        max_backoff: the longest wait (at most 365 days).
         max_attempts: attempts after which a soft bounce fails the message.
         max_lifetime: age after which a soft bounce fails the message.
         jitter: the spread of the random factor, from 0 (none) to below 1.
         seed: seeds the jitter.
     """
 
-    min_backoff: timedelta = attrs.field(default=timedelta(minutes=5), validator=_positive)
-    max_backoff: timedelta = attrs.field(default=timedelta(hours=1), validator=_positive)
+    min_backoff: timedelta = attrs.field(default=timedelta(minutes=5), validator=_backoff)
+    max_backoff: timedelta = attrs.field(default=timedelta(hours=1), validator=_backoff)
     max_attempts: int = attrs.field(default=20, validator=attrs.validators.ge(1))
     max_lifetime: timedelta = attrs.field(default=timedelta(days=5), validator=_positive)
     jitter: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
