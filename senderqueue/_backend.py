@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 from urllib.parse import urlsplit
-
-import attrs
 
 from ._errors import InvalidArgument, LeaseLost
 from ._lifecycle import Trigger
@@ -27,8 +25,7 @@ ENTRY_POINT_GROUP = "senderqueue.backends"
 """Backends register a :data:`BackendFactory` here under their URL scheme."""
 
 
-@attrs.frozen
-class Settlement:
+class Settlement(NamedTuple):
     """One claim's report: the trigger that takes it out of SENDING, and the error to record.
 
     Attributes:

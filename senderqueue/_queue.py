@@ -30,6 +30,7 @@ __all__ = ["DEFAULT_LEASE", "SenderQueue"]
 DEFAULT_LEASE = timedelta(minutes=5)
 """How long a claim holds a message unless told otherwise."""
 
+_DELIVER = Trigger.DELIVER  # a module constant: cheaper than the enum lookup on 3.11
 _TRIGGERS: Mapping[type[Outcome], Trigger] = {
     Delivered: Trigger.DELIVER,
     SoftBounce: Trigger.SOFT_BOUNCE,
@@ -257,10 +258,12 @@ def _check_report(report: object) -> tuple[Claim, Trigger, str | None]:
         raise InvalidArgument(f"a report is a (claim, outcome) pair, not {report!r}")
     claim, outcome = report
     _check_claim(claim)
-    trigger = next((t for kind, t in _TRIGGERS.items() if isinstance(outcome, kind)), None)
+    trigger = _TRIGGERS.get(type(outcome))
+    if trigger is None:  # a subclass of an outcome class
+        trigger = next((t for kind, t in _TRIGGERS.items() if isinstance(outcome, kind)), None)
     if trigger is None:
         raise InvalidArgument(f"an outcome is Delivered, SoftBounce or HardBounce, not {outcome!r}")
-    return claim, trigger, None if trigger is Trigger.DELIVER else str(outcome)
+    return claim, trigger, None if trigger is _DELIVER else str(outcome)
 
 
 def _check_reason(reason: Any) -> str:
