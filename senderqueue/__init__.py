@@ -32,9 +32,10 @@ from ._models import Claim, Message, Metrics, NewMessage
 from ._outcomes import DEFAULT_EXCEPTIONS, Classifier, Delivered, HardBounce, Outcome, SoftBounce, parse_reply
 from ._queue import DEFAULT_LEASE, SenderQueue
 from ._retry import RetryPolicy
+from ._smtp import SMTPTransport
 from ._transport import Attempt, FakeSMTPTransport, Script, Transport
 from ._validation import DEFAULT_MAX_CONTENT_SIZE
-from ._worker import SenderWorker, WorkerSummary
+from ._worker import DomainLimit, SenderWorker, WorkerSummary
 
 __all__ = [
     "DEFAULT_EXCEPTIONS",
@@ -52,6 +53,7 @@ __all__ = [
     "Classifier",
     "Clock",
     "Delivered",
+    "DomainLimit",
     "DuplicateMessage",
     "FakeSMTPTransport",
     "HardBounce",
@@ -65,6 +67,7 @@ __all__ = [
     "NewMessage",
     "Outcome",
     "RetryPolicy",
+    "SMTPTransport",
     "Script",
     "SenderQueue",
     "SenderQueueError",

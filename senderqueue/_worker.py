@@ -7,20 +7,21 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 
 from ._errors import InvalidArgument, LeaseLost
+from ._memory import MemoryBackend
 from ._models import Claim
 from ._outcomes import Delivered, HardBounce, Outcome, SoftBounce
 from ._queue import DEFAULT_LEASE, SenderQueue
 from ._transport import Transport
 from ._validation import check_id, check_lease, check_limit
 
-__all__ = ["SenderWorker", "WorkerSummary"]
+__all__ = ["DomainLimit", "SenderWorker", "WorkerSummary"]
 
 _T = TypeVar("_T")
 
@@ -29,13 +30,41 @@ def _discard(_: object) -> None:
     return None
 
 
+def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+        raise InvalidArgument(f"{attribute.name} must be None or a positive number, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class DomainLimit:
+    """How hard a worker may press one destination domain (its recipients' domain).
+
+    In the spirit of Postfix's per-destination concurrency and KumoMTA's traffic
+    shaping; enforced by each worker on its own.
+
+    Attributes:
+        concurrency: the most sends to the domain in flight at once; ``None`` for no limit.
+        rate: the most sends to the domain started per second, evenly spaced; ``None`` for no limit.
+    """
+
+    concurrency: int | None = attrs.field(
+        default=None,
+        validator=[_positive_or_none, attrs.validators.optional(attrs.validators.instance_of(int))],
+    )
+    rate: float | None = attrs.field(default=None, validator=_positive_or_none)
+
+
+_NO_LIMIT: Final = DomainLimit()
+
+
 @attrs.frozen(kw_only=True)
 class WorkerSummary:
-    """What a worker's run came to.
+    """What a worker's run came to (or has come to so far).
 
     Attributes:
         delivered, soft_bounced, hard_bounced: reported outcomes.
         lost: reports refused with ``LeaseLost`` (the lease had expired and was settled).
+        released: claimed messages given back unsent when the worker stopped.
         elapsed: seconds the run took.
     """
 
@@ -44,6 +73,7 @@ class WorkerSummary:
     hard_bounced: int = 0
     lost: int = 0
     elapsed: float = 0.0
+    released: int = 0
 
     @property
     def attempts(self) -> int:
@@ -55,22 +85,60 @@ class WorkerSummary:
         """Attempts per second."""
         return self.attempts / self.elapsed if self.elapsed > 0 else 0.0
 
+    def __str__(self) -> str:
+        return (
+            f"sent {self.delivered:,}, soft {self.soft_bounced:,}, hard {self.hard_bounced:,}, "
+            f"released {self.released:,}, lost {self.lost:,}, "
+            f"{self.elapsed:,.1f} s, {self.rate:,.1f}/s"
+        )
+
+
+@attrs.define
+class _Destination:
+    in_flight: int = 0
+    next_start: float = 0.0  # time.monotonic() before which a rate-limited domain waits
+
+
+_COUNTS: Final = ("delivered", "soft_bounced", "hard_bounced", "lost", "released")
+_Sends = dict["asyncio.Task[tuple[Claim, Outcome]]", Claim]
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; clear it for the next wait."""
+    if not event.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+    event.clear()
+
+
+def _domain(claim: Claim) -> str:
+    return claim.message.recipient.rpartition("@")[2].lower()
+
 
 class SenderWorker:
     """Delivers one sender's messages: claims, sends with bounded concurrency, reports.
 
-    It claims no more than it is about to send, so a message is ``SENDING`` only
-    while it is in flight; it reports each wave of finished sends in one
-    ``report_many``, renews the lease of a send that outlives half its lease, and
-    on :meth:`stop` claims nothing more and lets in-flight sends finish and report.
+    It claims no more than it is about to send, so at most ``concurrency`` messages
+    are ``SENDING``; it reports each wave of finished sends in one ``report_many``,
+    renews a lease once half of it has run, and on :meth:`stop` (or SIGTERM/SIGINT
+    under :meth:`run`) claims nothing more, lets in-flight sends finish and report,
+    and releases what it claimed but had not started.
+
+    Per-destination limits hold a claimed message back until its recipient's domain
+    has a free slot; held messages count against ``concurrency``, so a flood to one
+    slow domain cannot make the worker claim without bound (it does slow the rest:
+    the queue hands out messages oldest first, whatever their domain).
 
     Args:
         queue: the queue to work.
-        transport: sends the messages.
+        transport: sends the messages; its ``aclose`` is awaited when a run ends.
         sender: the sender whose queues it works.
-        concurrency: the most messages in flight at once.
+        concurrency: the most messages claimed (in flight, or held for a domain) at once.
         lease: how long each claim holds its message.
         poll_interval: seconds to wait before claiming again when nothing was due.
+        domain_limit: the limit of every recipient domain not in ``domain_limits``.
+        domain_limits: limits of particular domains (``{"gmail.com": DomainLimit(rate=20)}``).
     """
 
     def __init__(
@@ -82,6 +150,8 @@ class SenderWorker:
         concurrency: int = 10,
         lease: timedelta = DEFAULT_LEASE,
         poll_interval: float = 1.0,
+        domain_limit: DomainLimit | None = None,
+        domain_limits: Mapping[str, DomainLimit] | None = None,
     ) -> None:
         self.queue = queue
         self.transport = transport
@@ -91,9 +161,18 @@ class SenderWorker:
         if poll_interval <= 0:
             raise InvalidArgument(f"poll_interval must be positive, not {poll_interval!r}")
         self.poll_interval = poll_interval
+        self.domain_limit = domain_limit if domain_limit is not None else _NO_LIMIT
+        self.domain_limits = {domain.lower(): limit for domain, limit in (domain_limits or {}).items()}
+        for limit in (self.domain_limit, *self.domain_limits.values()):
+            if not isinstance(limit, DomainLimit):
+                raise InvalidArgument(f"a domain limit is a DomainLimit, not {limit!r}")
+        self._in_memory = type(queue.backend) is MemoryBackend
         self._stopping = threading.Event()
         self._wake: Callable[[], None] = lambda: None
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = dict.fromkeys(_COUNTS, 0)
+        self._started = time.monotonic()
+        self._claimed = 0
+        self._woken = asyncio.Event()
 
     def run_until_idle(self) -> WorkerSummary:
         """Send until nothing of this sender is due and nothing is in flight; return a summary."""
@@ -104,51 +183,71 @@ class SenderWorker:
         return asyncio.run(self._run(until_idle=False))
 
     def stop(self) -> None:
-        """Stop claiming; in-flight sends finish and are reported. Safe from any thread."""
+        """Stop claiming; in-flight sends finish and report, held ones are released. Safe from any thread."""
         self._stopping.set()
         self._wake()
 
+    @property
+    def progress(self) -> WorkerSummary:
+        """The counts of the current (or last) run so far; safe to read from any thread."""
+        return WorkerSummary(elapsed=time.monotonic() - self._started, **self._counts)
+
+    @property
+    def claimed(self) -> int:
+        """Messages this worker holds now: in flight or waiting for their domain."""
+        return self._claimed
+
+    def limit_for(self, domain: str) -> DomainLimit:
+        """The limit that applies to a recipient domain."""
+        return self.domain_limits.get(domain.lower(), self.domain_limit)
+
     async def _queue_call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._in_memory:
+            # No I/O to wait for, and a thread hop (GIL hand-offs included) costs more than the call.
+            return fn(*args)
         # The queue's backend may block on I/O; keep the event loop sending meanwhile.
         return await asyncio.to_thread(fn, *args)
 
     async def _run(self, *, until_idle: bool) -> WorkerSummary:
         loop = asyncio.get_running_loop()
-        woken = asyncio.Event()
+        # Set by a send that finishes and by stop(): one event, so a wake costs O(1), not O(concurrency).
+        woken = self._woken = asyncio.Event()
         self._wake = lambda: _discard(loop.call_soon_threadsafe(woken.set))
-        self._counts = dict.fromkeys(("delivered", "soft_bounced", "hard_bounced", "lost"), 0)
-        started = time.monotonic()
+        self._counts = dict.fromkeys(_COUNTS, 0)
+        self._started = started = time.monotonic()
         handled = self._install_signals(loop) if not until_idle else []
-        in_flight: dict[asyncio.Task[tuple[Claim, Outcome]], Claim] = {}
+        in_flight: _Sends = {}
+        held: list[Claim] = []  # claimed, waiting for a slot of their domain
+        destinations: dict[str, _Destination] = {}
         try:
             while not self._stopping.is_set():
-                free = self.concurrency - len(in_flight)
-                claims = (
-                    await self._queue_call(self.queue.claim, self.sender, free, self.lease) if free else []
-                )
-                for claim in claims:
-                    in_flight[asyncio.create_task(self._send(claim))] = claim
-                if not in_flight:
+                free = self.concurrency - len(in_flight) - len(held)
+                if free:
+                    held += await self._queue_call(self.queue.claim, self.sender, free, self.lease)
+                held, wait_for_slot = self._start(held, in_flight, destinations)
+                self._claimed = len(in_flight) + len(held)
+                if not in_flight and not held:
                     if until_idle:
                         break
-                    woken.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), self.poll_interval)
+                    await _wait(woken, self.poll_interval)
                     continue
-                done, _ = await asyncio.wait(
-                    in_flight, timeout=self._renew_interval(), return_when=asyncio.FIRST_COMPLETED
-                )
-                await self._report([task.result() for task in done])
-                for task in done:
-                    del in_flight[task]
-                await self._renew(in_flight)
-            if in_flight:  # stopping: let what is in flight finish
-                done, _ = await asyncio.wait(in_flight)
-                await self._report([task.result() for task in done])
+                # Wake for a finished send, a stop, a lease to renew or a domain's next slot.
+                await _wait(woken, min(self._renew_interval(), wait_for_slot))
+                await self._finish(in_flight, destinations)
+                held = await self._renew(in_flight, held)
+            if held:  # stopping: give back what was claimed but not started
+                await self._release(held)
+            while in_flight:  # stopping: let what is in flight finish, its leases renewed
+                await _wait(woken, self._renew_interval())
+                await self._finish(in_flight, destinations)
+                await self._renew(in_flight, [])
         finally:
+            self._claimed = 0
             for sig in handled:
                 loop.remove_signal_handler(sig)
             self._wake = lambda: None
+            with contextlib.suppress(Exception):  # a failing goodbye must not hide the summary
+                await self.transport.aclose()
         return WorkerSummary(elapsed=time.monotonic() - started, **self._counts)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
@@ -161,12 +260,55 @@ class SenderWorker:
     def _renew_interval(self) -> float:
         return max(0.05, min(self.poll_interval, self.lease.total_seconds() / 4))
 
+    def _start(
+        self, held: list[Claim], in_flight: _Sends, destinations: dict[str, _Destination]
+    ) -> tuple[list[Claim], float]:
+        """Start every held claim its domain allows now; return the rest and the seconds to the next slot."""
+        still_held: list[Claim] = []
+        wait = float("inf")
+        now = time.monotonic()
+        for claim in held:
+            domain = _domain(claim)
+            limit = self.limit_for(domain)
+            if limit is not _NO_LIMIT:
+                destination = destinations.setdefault(domain, _Destination())
+                if limit.concurrency is not None and destination.in_flight >= limit.concurrency:
+                    still_held.append(claim)  # a send to this domain finishing wakes the loop
+                    continue
+                if limit.rate is not None:
+                    if destination.next_start > now:
+                        still_held.append(claim)
+                        wait = min(wait, destination.next_start - now)
+                        continue
+                    destination.next_start = max(now, destination.next_start) + 1 / limit.rate
+                destination.in_flight += 1
+            task = asyncio.create_task(self._send(claim))
+            task.add_done_callback(self._on_sent)
+            in_flight[task] = claim
+        return still_held, wait
+
+    def _on_sent(self, _: object) -> None:
+        self._woken.set()
+
     async def _send(self, claim: Claim) -> tuple[Claim, Outcome]:
         try:
             outcome = await self.transport.send(claim.message)
         except Exception as error:  # noqa: BLE001 - an attempt must end in a report, whatever broke
             outcome = SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: {error!r}")
         return claim, outcome
+
+    async def _finish(self, in_flight: _Sends, destinations: dict[str, _Destination]) -> None:
+        """Report every finished send in one round trip, and free its domain's slot."""
+        done = [task for task in in_flight if task.done()]
+        now = time.monotonic()
+        for task in done:
+            domain = _domain(in_flight.pop(task))
+            destination = destinations.get(domain)
+            if destination is not None:
+                destination.in_flight -= 1
+                if destination.in_flight == 0 and destination.next_start <= now:
+                    del destinations[domain]  # forget idle domains: their number is unbounded
+        await self._report([task.result() for task in done])
 
     async def _report(self, reports: list[tuple[Claim, Outcome]]) -> None:
         if not reports:
@@ -182,10 +324,32 @@ class SenderWorker:
             else:
                 self._counts["soft_bounced"] += 1
 
-    async def _renew(self, in_flight: dict[asyncio.Task[tuple[Claim, Outcome]], Claim]) -> None:
+    async def _release(self, held: list[Claim]) -> None:
+        def release_all() -> None:
+            for claim in held:
+                try:
+                    self.queue.release(claim)
+                except LeaseLost:
+                    self._counts["lost"] += 1
+                else:
+                    self._counts["released"] += 1
+
+        await self._queue_call(release_all)
+
+    async def _renew(self, in_flight: _Sends, held: list[Claim]) -> list[Claim]:
         now = self.queue.now()
         for task, claim in list(in_flight.items()):
             if claim.expires_at - now < self.lease / 2:
                 # A LeaseLost here means the lease was settled; the send's report will meet it too.
                 with contextlib.suppress(LeaseLost):
                     in_flight[task] = await self._queue_call(self.queue.renew, claim, self.lease)
+        renewed = []
+        for claim in held:
+            if claim.expires_at - now < self.lease / 2:
+                try:
+                    claim = await self._queue_call(self.queue.renew, claim, self.lease)
+                except LeaseLost:
+                    self._counts["lost"] += 1  # settled meanwhile: no longer ours to send
+                    continue
+            renewed.append(claim)
+        return renewed

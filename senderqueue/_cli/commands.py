@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import attrs
 import click
 from rich import box
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from .._errors import SenderQueueError
 from .._models import Message, Metrics
 from .._queue import SenderQueue
+from .._smtp import SMTPTransport
+from .._worker import DomainLimit, SenderWorker
 from .demo import Demo
 from .display import metrics_table, pace, play, summary_table
 
@@ -279,3 +284,122 @@ def get(message_id: str, url: str | None, as_json: bool) -> None:
 
 def _when(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# -- worker ----------------------------------------------------------------------------
+
+SMTP_PASSWORD_ENV = "SENDERQUEUE_SMTP_PASSWORD"
+
+
+def _smart_host(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    host, colon, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:25
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _progress_line(worker: SenderWorker) -> Text:
+    p = worker.progress
+    return Text(
+        f"sent {p.delivered:,}  soft {p.soft_bounced:,}  hard {p.hard_bounced:,}  "
+        f"in flight {worker.claimed:,}  {p.rate:,.1f}/s  {p.elapsed:,.0f} s"
+    )
+
+
+@cli.command()
+@_url_option
+@click.option("--sender", required=True, metavar="SENDER", help="The sender whose queues to work.")
+@click.option(
+    "--smtp",
+    "smart_host",
+    required=True,
+    metavar="HOST:PORT",
+    callback=_smart_host,
+    help="The SMTP server to relay to (a smart host).",
+)
+@click.option(
+    "--starttls", is_flag=True, help="Upgrade each connection with STARTTLS (certificate verified)."
+)
+@click.option(
+    "--insecure", is_flag=True, help="Accept any TLS certificate: for tests against a self-signed server."
+)
+@click.option(
+    "--user",
+    metavar="USER",
+    help=f"Log in with AUTH as USER; the password is read from ${SMTP_PASSWORD_ENV}.",
+)
+@click.option(
+    "--concurrency", default=10, show_default=True, type=click.IntRange(min=1), help="Sends in flight."
+)
+@click.option(
+    "--domain-concurrency",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Sends in flight per recipient domain.",
+)
+@click.option(
+    "--domain-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="PER_SECOND",
+    help="Sends started per second per recipient domain.",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for each SMTP reply.",
+)
+@click.option(
+    "--until-idle", is_flag=True, help="Stop when nothing of the sender is due, instead of waiting."
+)
+@_json_option
+def worker(
+    url: str | None,
+    sender: str,
+    smart_host: tuple[str, int],
+    starttls: bool,
+    insecure: bool,
+    user: str | None,
+    concurrency: int,
+    domain_concurrency: int | None,
+    domain_rate: float | None,
+    timeout: float,
+    until_idle: bool,
+    as_json: bool,
+) -> None:
+    """Deliver SENDER's messages through an SMTP server, until SIGTERM or Ctrl-C.
+
+    On a stop, the sends in flight finish and the messages claimed but not started are
+    given back; then a summary is printed. The password for --user comes from the
+    environment, never from the command line, and is never shown.
+    """
+    password = None
+    if user is not None:
+        password = os.environ.get(SMTP_PASSWORD_ENV)
+        if not password:
+            raise click.ClickException(f"--user needs the password in ${SMTP_PASSWORD_ENV}")
+    host, port = smart_host
+    transport = SMTPTransport(
+        host, port, starttls=starttls, verify=not insecure, username=user, password=password, timeout=timeout
+    )
+    console = _console()
+    with _opened(url) as queue:
+        runner = SenderWorker(
+            queue,
+            transport,
+            sender=sender,
+            concurrency=concurrency,
+            domain_limit=DomainLimit(concurrency=domain_concurrency, rate=domain_rate),
+        )
+        run = runner.run_until_idle if until_idle else runner.run
+        if as_json:
+            summary = run()
+        else:
+            with Live(console=console, get_renderable=lambda: _progress_line(runner), transient=True):
+                summary = run()
+    if as_json:
+        _print_json({**attrs.asdict(summary), "rate": summary.rate})
+    else:
+        console.print(str(summary))
