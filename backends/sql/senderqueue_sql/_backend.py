@@ -1,0 +1,991 @@
+"""``SQLBackend``: sender queues in SQLite or PostgreSQL, through SQLAlchemy 2 Core.
+
+Like the memory backend, freeze and clear never touch messages: each sender queue
+row has a ``frozen`` flag and a clear ``epoch``, and a message's effective state is
+derived from them in queries and in :meth:`SQLBackend.get`. Every operation is one
+transaction (on PostgreSQL a claim or report is one statement, run in autocommit; a
+claim that finds expired leases of its sender settles them in a second one).
+Every change that moves a message takes a share lock on its sender queue rows (in
+id order), and freeze and clear take an exclusive one, so a freeze or clear sees
+no claim or report half done and its counts are exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from senderqueue import (
+    BackendError,
+    Claim,
+    DuplicateMessage,
+    InvalidArgument,
+    LeaseLost,
+    Message,
+    Metrics,
+    NewMessage,
+    RetryPolicy,
+    State,
+    UnknownMessage,
+)
+from senderqueue._backend import Settlement
+from senderqueue._lifecycle import Trigger, leave_sending
+
+from . import _engines
+from ._schema import (
+    COUNTS,
+    DELETED,
+    DELIVERED,
+    FAILED,
+    MIGRATIONS,
+    NEW,
+    RETRIES,
+    SCHEMA_VERSION,
+    SENDING,
+    Tables,
+    check_namespace,
+    tables,
+)
+
+__all__ = ["SQLBackend", "from_url"]
+
+T = TypeVar("T")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_STATES = {NEW: State.NEW, RETRIES: State.RETRIES, SENDING: State.SENDING}
+_STATES |= {DELIVERED: State.DELIVERED, FAILED: State.FAILED, DELETED: State.DELETED}
+_CODES = {state: code for code, state in _STATES.items()}
+_COUNTER = {NEW: "new", RETRIES: "retries", DELIVERED: "delivered", FAILED: "failed", DELETED: "deleted"}
+_RETRYABLE = {"40P01", "40001"}  # deadlock detected, serialization failure: nothing was done; go again
+_COMPACT_AFTER = 64  # deltas a sender queue gathers before this process folds them into its base row
+_BATCH = 1000  # rows per settle statement: SQLite allows 32,766 bound values in one
+
+
+def _us(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _time(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _destinations() -> dict[tuple[Trigger, bool], tuple[int, int, int]]:
+    """Where each report takes a message, from the core's precedence (``leave_sending``).
+
+    Keyed by (trigger, exhausted), the stored state if it was claimed from NEW, if claimed
+    from RETRIES, and if its queue was cleared since. FROZEN is stored as the state it
+    remembers: whether it shows as FROZEN is the queue's flag, read when the message is.
+    """
+    table = {}
+    for trigger in (
+        Trigger.DELIVER,
+        Trigger.SOFT_BOUNCE,
+        Trigger.HARD_BOUNCE,
+        Trigger.RELEASE,
+        Trigger.EXPIRE,
+    ):
+        for exhausted in (False, True):
+            stored = []
+            for claimed_from, cleared in ((State.NEW, False), (State.RETRIES, False), (State.NEW, True)):
+                codes = set()
+                for frozen in (False, True):
+                    state, frozen_from = leave_sending(
+                        trigger,
+                        claimed_from=claimed_from,
+                        cleared=cleared,
+                        exhausted=exhausted,
+                        frozen=frozen,
+                    )
+                    codes.add(_CODES[frozen_from or state])
+                (code,) = codes  # freezing never changes what is stored, only what it shows as
+                stored.append(code)
+            table[trigger, exhausted] = (stored[0], stored[1], stored[2])
+    return table
+
+
+_DESTINATIONS = _destinations()
+
+
+class _Leave:
+    """One claim to take out of SENDING, with the next attempt time worked out in Python."""
+
+    __slots__ = ("attempts", "created_at", "error", "id", "next_at", "token", "trigger")
+
+    def __init__(
+        self, id: str, token: int, attempts: int, created_at: datetime, trigger: Trigger, error: str | None
+    ) -> None:
+        self.id = id
+        self.token = token
+        self.attempts = attempts
+        self.created_at = created_at
+        self.trigger = trigger
+        self.error = error
+        self.next_at: int | None = None
+
+    def row(self, now: datetime, retry: RetryPolicy) -> tuple[Any, ...]:
+        exhausted = False
+        if self.trigger is Trigger.SOFT_BOUNCE or self.trigger is Trigger.EXPIRE:
+            next_at = retry.next_attempt(self.attempts, self.created_at, now, self.id)
+            exhausted = next_at is None
+            self.next_at = None if next_at is None else _us(next_at)
+        dn, dr, dc = _DESTINATIONS[self.trigger, exhausted]
+        released = 1 if self.trigger is Trigger.RELEASE else 0
+        return (
+            self.id,
+            self.token,
+            self.attempts,
+            _us(self.created_at),
+            dn,
+            dr,
+            dc,
+            self.next_at,
+            self.error,
+            released,
+        )
+
+
+def _token(claim: Claim) -> int | None:
+    try:
+        token = int(claim.token)
+    except ValueError:
+        return None
+    return token if 0 <= token < 2**63 else None
+
+
+class SQLBackend:
+    """Sender queues in one namespace of a SQLite or PostgreSQL database.
+
+    ``SenderQueue.open("sqlite:///queue.db")`` and ``open("postgresql://…")`` make one
+    through :func:`from_url`; ``SQLBackend(engine, namespace="tenant1")`` takes an
+    SQLAlchemy engine of your own (``sqlite+pysqlite`` or ``postgresql+psycopg``).
+    The namespace's tables are created, or migrated, on first use.
+
+    Args:
+        engine: the database. A SQLite engine gets WAL and ``BEGIN IMMEDIATE`` writes.
+        namespace: 1 to 40 of ``a-z 0-9 _``; namespaces of one database never see each other.
+    """
+
+    def __init__(self, engine: Engine, *, namespace: str = "main") -> None:
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise InvalidArgument(f"the SQL backend runs on SQLite or PostgreSQL, not {engine.dialect.name}")
+        try:
+            check_namespace(namespace)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
+        _engines.prepare(engine)
+        self._writer = _engines.writer_lock(engine)
+        self.engine = engine
+        self.namespace = namespace
+        self._pg = engine.dialect.name == "postgresql"
+        # Every read, and on PostgreSQL every one-statement change, runs in autocommit: that
+        # saves the BEGIN and COMMIT round trips.
+        if engine.dialect.name == "postgresql":
+            self._reader = self._autocommit = _engines.autocommit(engine)
+        else:
+            self._reader = self._autocommit = engine.execution_options(**{_engines.READ: True})
+        self._t = tables(namespace)
+        self._sql = _Statements(self._t, self._pg)
+        self._shared = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._pending: Counter[int] = Counter()  # deltas written per sender queue since its last fold
+        self._names: dict[int, tuple[str, str]] = {}  # sender queue id -> (mailing, sender); never change
+        self._ensure_schema()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLBackend:
+        """The factory behind ``sqlite://`` and ``postgresql://``; engines are shared within a process."""
+        sa_url, namespace, options = _engines.parse_url(url)
+        try:
+            check_namespace(namespace)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
+        engine = _engines.acquire(sa_url, options)
+        try:
+            backend = cls(engine, namespace=namespace)
+        except BaseException:
+            _engines.release(engine)
+            raise
+        backend._shared = True
+        return backend
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        read: bool = False,
+        single: bool = False,
+        duplicates: bool = False,
+    ) -> T:
+        """Run ``work`` in one transaction; driver errors become ``BackendError``.
+
+        ``single``: the work is one statement, a transaction of its own; on PostgreSQL it runs
+        in autocommit, which saves the BEGIN and COMMIT round trips.
+        """
+        lock = None if read else self._writer
+        for attempt in range(8):
+            try:
+                if read or (single and self._pg):
+                    with (self._reader if read else self._autocommit).connect() as conn:
+                        result = work(conn)
+                elif lock is None:
+                    with self.engine.begin() as conn:
+                        result = work(conn)
+                else:
+                    with lock, self.engine.begin() as conn:
+                        result = work(conn)
+            except exc.IntegrityError:
+                if duplicates:
+                    raise
+                raise BackendError("the database refused the change") from None
+            except exc.DBAPIError as error:
+                code = getattr(error.orig, "sqlstate", None)
+                if code in _RETRYABLE and attempt < 7:
+                    continue
+                raise BackendError(f"the database failed: {error.orig}") from error
+            except exc.SQLAlchemyError as error:
+                raise BackendError(f"the database failed: {error}") from error
+            if self._pg and not read:
+                self._fold()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ensure_schema(self) -> None:
+        key = (self.engine.url.render_as_string(hide_password=False), self.namespace)
+        if key in _READY:
+            return
+
+        def work(conn: Connection) -> None:
+            t = self._t
+            if self._pg:
+                # Two processes opening a new namespace at once: one creates, the other waits and sees it.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": t.prefix})
+            version = 0
+            if sa.inspect(conn).has_table(t.meta.name):
+                found = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == "schema_version"))
+                version = int(found.scalar_one())
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"namespace {self.namespace!r} has schema version {version}; this senderqueue-sql "
+                    f"knows up to {SCHEMA_VERSION}: upgrade it"
+                )
+            for migrate in MIGRATIONS[version:]:
+                migrate(conn, t)
+            if version == 0:
+                conn.execute(t.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif version < SCHEMA_VERSION:
+                conn.execute(
+                    t.meta.update().where(t.meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+                )
+
+        self._run(work)
+        _READY.add(key)
+
+    def schema_version(self) -> int:
+        """The schema version stored in the namespace."""
+        meta = self._t.meta
+        query = sa.select(meta.c.value).where(meta.c.key == "schema_version")
+        return int(self._run(lambda conn: conn.execute(query).scalar_one(), read=True))
+
+    def _count(self, conn: Connection, changes: dict[int, Counter[str]]) -> None:
+        """Add ``changes`` to the sender queues' counts, in the caller's transaction."""
+        rows = [
+            {"queue_id": queue_id, **{name: change[name] for name in COUNTS}}
+            for queue_id, change in changes.items()
+            if any(change.values())
+        ]
+        if not rows:
+            return
+        if self._pg:
+            # Appended, not updated: concurrent workers never queue behind one hot counter row.
+            conn.execute(self._t.deltas.insert(), rows)
+            self._note(row["queue_id"] for row in rows)
+        else:
+            # SQLite has one writer at a time anyway; the base row is the cheapest place.
+            conn.execute(self._sql.add_counts, rows)
+
+    def _note(self, queue_ids: Iterable[int]) -> None:
+        """Remember that these sender queues got deltas (PostgreSQL)."""
+        with self._lock:
+            self._pending.update(queue_ids)
+
+    def _fold(self) -> None:
+        """Fold the deltas of the busiest sender queues into their base rows (PostgreSQL)."""
+        with self._lock:
+            due = [queue_id for queue_id, n in self._pending.items() if n >= _COMPACT_AFTER]
+            for queue_id in due:
+                del self._pending[queue_id]
+        for queue_id in due:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(self._sql.fold, {"queue_id": queue_id})
+            except exc.SQLAlchemyError:
+                pass  # an optimisation only: the deltas stay and are summed on read
+
+    def _sums(self, conn: Connection, queue_ids: Sequence[int]) -> dict[int, Counter[str]]:
+        """The counts of these sender queues: base rows plus deltas, in one statement (one snapshot)."""
+        c, d = self._t.counts, self._t.deltas
+        if self._pg:
+            columns = [sa.func.sum(d.c[name]).label(name) for name in COUNTS]
+            query = sa.select(d.c.queue_id, *columns).where(d.c.queue_id.in_(queue_ids))
+            pending = query.group_by(d.c.queue_id).subquery()
+            totals = [(c.c[name] + sa.func.coalesce(pending.c[name], 0)).label(name) for name in COUNTS]
+            joined = c.outerjoin(pending, pending.c.queue_id == c.c.queue_id)
+            query = sa.select(c.c.queue_id, *totals).select_from(joined).where(c.c.queue_id.in_(queue_ids))
+        else:
+            query = sa.select(c).where(c.c.queue_id.in_(queue_ids))
+        return {
+            row["queue_id"]: Counter({name: int(row[name]) for name in COUNTS})
+            for row in conn.execute(query).mappings()
+        }
+
+    def _queues(
+        self, conn: Connection, pairs: Sequence[tuple[str, str]], now: int
+    ) -> dict[tuple[str, str], Any]:
+        """The sender queue rows of ``pairs``, made if missing, share-locked in id order."""
+        t = self._t
+        q = t.queues
+        where = sa.tuple_(q.c.mailing, q.c.sender).in_(pairs)
+        known = {(r.mailing, r.sender) for r in conn.execute(sa.select(q.c.mailing, q.c.sender).where(where))}
+        missing = [pair for pair in pairs if pair not in known]
+        if missing:
+            insert = postgresql.insert if self._pg else sqlite.insert
+            mailings = sorted({mailing for mailing, _ in missing})
+            conn.execute(
+                insert(t.mailings).on_conflict_do_nothing(),
+                [{"mailing": m, "frozen": False} for m in mailings],
+            )
+            # The mailing row is locked before its queue rows, as freeze does, so neither waits on the other.
+            query = sa.select(t.mailings.c.mailing, t.mailings.c.frozen).where(
+                t.mailings.c.mailing.in_(mailings)
+            )
+            locked = conn.execute(query.order_by(t.mailings.c.mailing).with_for_update(read=True))
+            frozen = {row.mailing: row.frozen for row in locked}
+            for mailing, sender in missing:
+                made = conn.execute(
+                    insert(q)
+                    .values(mailing=mailing, sender=sender, frozen=frozen[mailing], changed_at=now, epoch=0)
+                    .on_conflict_do_nothing()
+                    .returning(q.c.id)
+                ).scalar()
+                if made is not None:
+                    conn.execute(t.counts.insert().values(queue_id=made, **dict.fromkeys(COUNTS, 0)))
+        query = sa.select(q.c.id, q.c.mailing, q.c.sender, q.c.epoch, q.c.frozen).where(where)
+        rows = conn.execute(query.order_by(q.c.id).with_for_update(read=True)).all()
+        return {(row.mailing, row.sender): row for row in rows}
+
+    # -- changes --------------------------------------------------------------------
+
+    def enqueue(self, messages: Sequence[NewMessage], now: datetime) -> list[str]:
+        at = _us(now)
+        pairs = list(dict.fromkeys((m.mailing, m.sender) for m in messages))
+        ids = [m.message_id for m in messages]
+
+        def work(conn: Connection) -> list[str]:
+            queues = self._queues(conn, pairs, at)
+            rows = []
+            added: dict[int, Counter[str]] = defaultdict(Counter)
+            for message in messages:
+                queue = queues[message.mailing, message.sender]
+                added[queue.id]["new"] += 1
+                rows.append(
+                    {
+                        "id": message.message_id,
+                        "queue_id": queue.id,
+                        "recipient": message.recipient,
+                        "mail_from": message.mail_from,
+                        "content": message.content,
+                        "state": NEW,
+                        "claimed_from": NEW,
+                        "attempts": 0,
+                        "due": at,
+                        "epoch": queue.epoch,
+                        "last_error": None,
+                        "created_at": at,
+                        "updated_at": at,
+                        "token": None,
+                        "expires_at": None,
+                    }
+                )
+            conn.execute(self._t.messages.insert(), rows)
+            self._count(conn, added)
+            return [str(i) for i in ids]
+
+        try:
+            return self._run(work, duplicates=True)
+        except exc.IntegrityError:
+            pass
+        # Rolled back: find which id was taken (it may have been taken by a concurrent enqueue).
+        m = self._t.messages
+        taken = set(self._run(lambda c: c.execute(sa.select(m.c.id).where(m.c.id.in_(ids))).scalars().all()))
+        raise DuplicateMessage(next((str(i) for i in ids if i in taken), str(ids[0])))
+
+    def claim(
+        self, sender: str, limit: int, lease: timedelta, now: datetime, retry: RetryPolicy
+    ) -> list[Claim]:
+        at = _us(now)
+        params = {"sender": sender, "now": at, "limit": limit, "expires": _us(now + lease)}
+
+        params["batch"] = secrets.randbits(62)  # token = batch + seq: fresh for every claim
+        if not self._pg:
+            return self._run(
+                lambda conn: self._claims(conn, self._claim_sqlite(conn, params, now, retry), at)
+            )
+        # One statement claims, counts, and says whether the sender has expired leases. Settling
+        # them after the claim changes nothing it could take: an expired lease's message is due
+        # again only after a backoff, later than now.
+        result = self._run(lambda conn: conn.execute(self._sql.claim_pg, params).all(), single=True)
+        rows = [row[:13] for row in result if row[0] is not None]
+        self._note(row[2] for row in rows)
+        claims = self._run(lambda conn: self._claims(conn, rows, at), read=True) if rows else []
+        if result and result[0][-1]:
+
+            def expire(conn: Connection) -> None:
+                expired = conn.execute(self._sql.expired_of_sender, params).all()
+                self._settle(conn, [self._expiry(row) for row in expired], now, retry)
+
+            self._run(expire)
+        return claims
+
+    def _claim_sqlite(
+        self, conn: Connection, params: dict[str, Any], now: datetime, retry: RetryPolicy
+    ) -> list[Any]:
+        # One look at the sender's queues says which are ready and whether any lease ran out.
+        queues = conn.execute(self._sql.sender_queues, params).all()
+        if any(row.expiry is not None and row.expiry <= params["now"] for row in queues):
+            expired = conn.execute(self._sql.expired_of_sender, params).all()
+            self._settle(conn, [self._expiry(row) for row in expired], now, retry)
+        ready = [row for row in queues if not row.frozen]
+        if not ready:
+            return []
+        branches = {f"q{n}": row.id for n, row in enumerate(ready)}
+        branches |= {f"e{n}": row.epoch for n, row in enumerate(ready)}
+        return list(conn.execute(self._sql.claim_sqlite(len(ready)), params | branches).all())
+
+    def _claims(self, conn: Connection, rows: list[Any], now: int) -> list[Claim]:
+        if not rows:
+            return []
+        rows.sort(key=lambda row: (row[8], row[0]))  # (due, seq)
+        names = self._names
+        unknown = {row[2] for row in rows} - names.keys()
+        if unknown:  # a sender queue's names never change: each process reads them once
+            q = self._t.queues
+            query = sa.select(q.c.id, q.c.mailing, q.c.sender).where(q.c.id.in_(unknown))
+            names.update((r.id, (r.mailing, r.sender)) for r in conn.execute(query))
+        counts: dict[int, Counter[str]] = defaultdict(Counter)
+        claims = []
+        updated_at = _time(now)
+        times: dict[int, datetime] = {}  # a batch shares few distinct times
+
+        def time_of(us: int) -> datetime:
+            moment = times.get(us)
+            if moment is None:
+                moment = times[us] = _time(us)
+            return moment
+
+        taken: Counter[tuple[int, int]] = Counter()
+        sending = State.SENDING
+        for (
+            _,
+            id,
+            queue_id,
+            recipient,
+            mail_from,
+            content,
+            claimed_from,
+            attempts,
+            due,
+            error,
+            created_at,
+            token,
+            expires_at,
+        ) in rows:
+            taken[queue_id, claimed_from] += 1
+            mailing, sender = names[queue_id]
+            message = Message(
+                id=id,
+                mailing=mailing,
+                sender=sender,
+                recipient=recipient,
+                mail_from=mail_from,
+                content=content if type(content) is bytes else bytes(content),
+                state=sending,
+                frozen_from=None,
+                attempts=attempts,
+                next_attempt_at=time_of(due),
+                last_error=error,
+                created_at=time_of(created_at),
+                updated_at=updated_at,
+            )
+            claims.append(Claim(message=message, token=str(token), expires_at=time_of(expires_at)))
+        for (queue_id, claimed_from), n in taken.items():
+            counts[queue_id][_COUNTER[claimed_from]] -= n
+            counts[queue_id]["sending"] += n
+        if not self._pg:  # PostgreSQL counted in the claim statement itself
+            self._count(conn, counts)
+        return claims
+
+    @staticmethod
+    def _expiry(row: Any) -> _Leave:
+        return _Leave(row.id, row.token, row.attempts, _time(row.created_at), Trigger.EXPIRE, "lease expired")
+
+    def _settle(
+        self, conn: Connection, leaves: Sequence[_Leave], now: datetime, retry: RetryPolicy
+    ) -> list[bool]:
+        """Take each claim out of SENDING if it still holds; return which did, in order."""
+        at = _us(now)
+        # A message named twice is settled in order: its second report goes in a later statement.
+        rounds: list[list[int]] = []
+        seen: Counter[str] = Counter()
+        for index, leave in enumerate(leaves):
+            n = seen[leave.id]
+            seen[leave.id] += 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(index)
+        done = [False] * len(leaves)
+        for indexes in rounds:
+            for start in range(0, len(indexes), _BATCH):
+                chunk = [leaves[i] for i in indexes[start : start + _BATCH]]
+                rows = [leave.row(now, retry) for leave in chunk]
+                statement, params = self._sql.settle(rows, at)
+                settled = conn.execute(statement, params).all()
+                if self._pg:
+                    self._note(row.queue_id for row in settled)
+                else:
+                    counts: dict[int, Counter[str]] = defaultdict(Counter)
+                    for row in settled:
+                        counts[row.queue_id][_COUNTER[row.state]] += 1
+                        counts[row.queue_id]["sending"] -= 1
+                    self._count(conn, counts)
+                ids = {row.id for row in settled}
+                for i in indexes[start : start + _BATCH]:
+                    done[i] = leaves[i].id in ids
+        return done
+
+    def settle(
+        self, settlements: Sequence[Settlement], now: datetime, retry: RetryPolicy
+    ) -> list[LeaseLost | None]:
+        leaves: list[_Leave] = []
+        positions: list[int | None] = []
+        for settlement in settlements:
+            claim = settlement.claim
+            token = _token(claim)
+            if token is None:
+                positions.append(None)
+                continue
+            positions.append(len(leaves))
+            message = claim.message
+            leaves.append(
+                _Leave(
+                    message.id,
+                    token,
+                    message.attempts,
+                    message.created_at,
+                    settlement.trigger,
+                    settlement.error,
+                )
+            )
+        single = len(leaves) <= _BATCH and len({leave.id for leave in leaves}) == len(leaves)
+        done = self._run(lambda conn: self._settle(conn, leaves, now, retry), single=single) if leaves else []
+        return [
+            None if position is not None and done[position] else LeaseLost(s.claim.message.id)
+            for s, position in zip(settlements, positions, strict=True)
+        ]
+
+    def renew(self, claim: Claim, lease: timedelta, now: datetime) -> Claim:
+        token = _token(claim)
+        expires_at = now + lease
+        m = self._t.messages
+        statement = (
+            m.update()
+            .where(m.c.id == claim.message.id, m.c.token == token, m.c.state == SENDING)
+            .values(expires_at=_us(expires_at))
+        )
+        if token is None or not self._run(lambda conn: conn.execute(statement).rowcount, single=True):
+            raise LeaseLost(claim.message.id)
+        return Claim(message=claim.message, token=claim.token, expires_at=expires_at)
+
+    def expire_leases(self, now: datetime, retry: RetryPolicy) -> int:
+        def work(conn: Connection) -> int:
+            expired = conn.execute(self._sql.expired, {"now": _us(now)}).all()
+            return sum(self._settle(conn, [self._expiry(row) for row in expired], now, retry))
+
+        return self._run(work)
+
+    def _set_frozen(self, mailing: str, sender: str | None, frozen: bool, now: datetime) -> int:
+        at = _us(now)
+        t = self._t
+        q = t.queues
+
+        def work(conn: Connection) -> int:
+            if sender is None:
+                insert = postgresql.insert if self._pg else sqlite.insert
+                statement = insert(t.mailings).values(mailing=mailing, frozen=frozen)
+                conn.execute(
+                    statement.on_conflict_do_update(index_elements=["mailing"], set_={"frozen": frozen})
+                )
+                where = q.c.mailing == mailing
+            else:
+                self._queues(conn, [(mailing, sender)], at)  # a sender queue can be frozen before it has mail
+                where = sa.and_(q.c.mailing == mailing, q.c.sender == sender)
+            # Exclusive locks wait for every claim and report in flight on these queues.
+            query = sa.select(q.c.id).where(where, q.c.frozen.is_(not frozen)).order_by(q.c.id)
+            ids = conn.execute(query.with_for_update()).scalars().all()
+            if not ids:
+                return 0
+            conn.execute(q.update().where(q.c.id.in_(ids)).values(frozen=frozen, changed_at=at))
+            return sum(s["new"] + s["retries"] for s in self._sums(conn, ids).values())
+
+        return self._run(work)
+
+    def freeze(self, mailing: str, sender: str | None, now: datetime) -> int:
+        return self._set_frozen(mailing, sender, True, now)
+
+    def unfreeze(self, mailing: str, sender: str | None, now: datetime) -> int:
+        return self._set_frozen(mailing, sender, False, now)
+
+    def clear(self, mailing: str, sender: str | None, now: datetime) -> int:
+        at = _us(now)
+        t = self._t
+        q = t.queues
+
+        def work(conn: Connection) -> int:
+            where = (
+                q.c.mailing == mailing
+                if sender is None
+                else sa.and_(q.c.mailing == mailing, q.c.sender == sender)
+            )
+            rows = conn.execute(
+                sa.select(q.c.id, q.c.epoch).where(where).order_by(q.c.id).with_for_update()
+            ).all()
+            if not rows:
+                return 0
+            sums = self._sums(conn, [row.id for row in rows])
+            moved = 0
+            changes: dict[int, Counter[str]] = {}
+            ended = []
+            for row in rows:
+                s = sums[row.id]
+                cleared = s["new"] + s["retries"]
+                # A new epoch also marks the SENDING ones as cleared since their claim.
+                if cleared or s["sending"]:
+                    moved += cleared
+                    changes[row.id] = Counter(new=-s["new"], retries=-s["retries"], deleted=cleared)
+                    ended.append({"queue_id": row.id, "epoch": row.epoch, "cleared_at": at})
+            if ended:
+                conn.execute(q.update().where(q.c.id.in_(changes)).values(epoch=q.c.epoch + 1))
+                conn.execute(t.clears.insert(), ended)
+                self._count(conn, changes)
+            return moved
+
+        return self._run(work)
+
+    def purge(self, older_than: datetime) -> int:
+        params = {"before": _us(older_than)}
+
+        def work(conn: Connection) -> int:
+            if self._pg:
+                gone = conn.execute(self._sql.purge_pg, params).all()
+            else:
+                gone = conn.execute(self._sql.purge_count, params).all()
+                conn.execute(self._sql.purge_terminal, params)
+                conn.execute(self._sql.purge_cleared, params)
+            counts: dict[int, Counter[str]] = defaultdict(Counter)
+            for queue_id, state, n in gone:
+                counts[queue_id][_COUNTER[state]] -= n
+            self._count(conn, counts)
+            return sum(n for _, _, n in gone)
+
+        return self._run(work)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def _metrics(self, mailing: str, sender: str | None) -> dict[str, Metrics]:
+        params = {"mailing": mailing, "sender": sender}
+        rows = self._run(lambda conn: conn.execute(self._sql.metrics, params).all(), read=True)
+        result = {}
+        for row in rows:
+            new, retries, sending, delivered, failed, deleted = (int(v) for v in row[2:])
+            if row.frozen:
+                metrics = Metrics(
+                    frozen=new + retries, sending=sending, delivered=delivered, failed=failed, deleted=deleted
+                )
+            else:
+                metrics = Metrics(
+                    new=new,
+                    retries=retries,
+                    sending=sending,
+                    delivered=delivered,
+                    failed=failed,
+                    deleted=deleted,
+                )
+            result[row.sender] = metrics
+        return result
+
+    def metrics(self, mailing: str, sender: str | None) -> Metrics:
+        total = Metrics()
+        for metrics in self._metrics(mailing, sender).values():
+            total += metrics
+        return total
+
+    def metrics_by_sender(self, mailing: str) -> dict[str, Metrics]:
+        return self._metrics(mailing, None)
+
+    def get(self, message_id: str) -> Message:
+        row = self._run(lambda conn: conn.execute(self._sql.get, {"id": message_id}).first(), read=True)
+        if row is None:
+            raise UnknownMessage(message_id)
+        state = _STATES[row.state]
+        frozen_from = None
+        updated_at = row.updated_at
+        if row.state in (NEW, RETRIES):
+            if row.epoch != row.queue_epoch:
+                state, updated_at = State.DELETED, row.cleared_at
+            else:
+                updated_at = max(updated_at, row.changed_at)
+                if row.frozen:
+                    state, frozen_from = State.FROZEN, state
+        return Message(
+            id=row.id,
+            mailing=row.mailing,
+            sender=row.sender,
+            recipient=row.recipient,
+            mail_from=row.mail_from,
+            content=bytes(row.content),
+            state=state,
+            frozen_from=frozen_from,
+            attempts=row.attempts,
+            next_attempt_at=_time(row.due),
+            last_error=row.last_error,
+            created_at=_time(row.created_at),
+            updated_at=_time(updated_at),
+        )
+
+    # -- life -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Give the connections back; an engine made from a URL closes them when its last user does."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._shared:
+            _engines.release(self.engine)
+
+    def destroy(self) -> None:
+        """Drop the namespace's tables and everything in them."""
+
+        def work(conn: Connection) -> None:
+            self._t.metadata.drop_all(conn)
+
+        self._run(work)
+        _READY.discard((self.engine.url.render_as_string(hide_password=False), self.namespace))
+
+
+_READY: set[tuple[str, str]] = set()
+"""(database URL, namespace) pairs whose schema this process has checked."""
+
+
+def from_url(url: str) -> SQLBackend:
+    """Make a :class:`SQLBackend` from ``sqlite:///path`` or ``postgresql://…`` (``?namespace=NAME``)."""
+    return SQLBackend.from_url(url)
+
+
+class _Statements:
+    """The namespace's hand-written statements, for the shapes Core alone would not give."""
+
+    def __init__(self, t: Tables, pg: bool) -> None:
+        self.pg = pg
+        m, q, c, d, cl = (x.name for x in (t.messages, t.queues, t.counts, t.deltas, t.clears))
+        self.m, self.q, self.d = m, q, d
+        self.add_counts = sa.text(
+            f"UPDATE {c} SET "
+            + ", ".join(f"{name} = {name} + :{name}" for name in COUNTS)
+            + " WHERE queue_id = :queue_id"
+        )
+        sums = ", ".join(f"COALESCE(SUM({name}), 0) AS {name}" for name in COUNTS)
+        self.fold = sa.text(
+            f"WITH gone AS (DELETE FROM {d} WHERE id IN "
+            f"(SELECT id FROM {d} WHERE queue_id = :queue_id FOR UPDATE SKIP LOCKED) RETURNING *), "
+            f"total AS (SELECT {sums} FROM gone) "
+            f"UPDATE {c} SET " + ", ".join(f"{n} = {c}.{n} + total.{n}" for n in COUNTS) + " FROM total "
+            f"WHERE {c}.queue_id = :queue_id"
+        )
+        deltas = (
+            f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN "
+            f"(SELECT id FROM {q} WHERE mailing = :mailing) GROUP BY queue_id) s ON s.queue_id = q.id "
+            if pg
+            else ""
+        )
+        added = [f"c.{n} + COALESCE(s.{n}, 0) AS {n}" if pg else f"c.{n}" for n in COUNTS]
+        self.metrics = sa.text(
+            f"SELECT q.sender, q.frozen, {', '.join(added)} "
+            f"FROM {q} q JOIN {c} c ON c.queue_id = q.id {deltas}"
+            "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) ORDER BY q.id"
+        ).bindparams(sa.bindparam("sender", type_=sa.String))
+        self.get = sa.text(
+            "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, m.content, m.state, m.attempts, "
+            "m.due, m.last_error, m.created_at, m.updated_at, m.epoch, q.epoch AS queue_epoch, q.frozen, "
+            f"q.changed_at, cl.cleared_at FROM {m} m JOIN {q} q ON q.id = m.queue_id "
+            f"LEFT JOIN {cl} cl ON cl.queue_id = m.queue_id AND cl.epoch = m.epoch WHERE m.id = :id"
+        )
+        lease = "id, token, attempts, created_at"
+        self.expired = sa.text(
+            f"SELECT {lease} FROM {m} WHERE state = {SENDING} AND expires_at <= :now ORDER BY expires_at, seq"
+        )
+        self.sender_queues = sa.text(
+            f"SELECT id, epoch, frozen, (SELECT min(expires_at) FROM {m} WHERE queue_id = q.id "
+            f"AND state = {SENDING}) AS expiry FROM {q} q WHERE sender = :sender"
+        )
+        self.expired_of_sender = sa.text(
+            f"SELECT {lease} FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
+            f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender) ORDER BY expires_at, seq"
+        )
+        self.returned = (
+            "seq, id, queue_id, recipient, mail_from, content, claimed_from, attempts, due, last_error, "
+            "created_at, token, expires_at"
+        )
+        self.claimed = (
+            f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "
+            f"token = :batch + {m}.seq, expires_at = :expires, updated_at = :now"
+        )
+        ready = f"state IN ({NEW}, {RETRIES}) AND due <= :now"
+        counted = ", ".join(
+            [
+                f"-count(*) FILTER (WHERE claimed_from = {NEW})",
+                f"-count(*) FILTER (WHERE claimed_from = {RETRIES})",
+                "count(*), 0, 0, 0",
+            ]
+        )
+        # One statement: lock the sender's unfrozen queues (share), take the oldest due of each
+        # queue's current epoch from the claim index, skipping rows other workers hold, merge, count.
+        self.claim_pg = sa.text(
+            f"WITH qs AS (SELECT id, epoch FROM {q} WHERE sender = :sender AND NOT frozen "
+            "ORDER BY id FOR SHARE), "
+            "pick AS (SELECT p.seq FROM qs CROSS JOIN LATERAL "
+            f"(SELECT seq, due FROM {m} WHERE queue_id = qs.id AND epoch = qs.epoch AND {ready} "
+            "ORDER BY due, seq LIMIT :limit FOR UPDATE SKIP LOCKED) p ORDER BY p.due, p.seq LIMIT :limit), "
+            f"upd AS (UPDATE {m} SET {self.claimed} FROM pick WHERE {m}.seq = pick.seq "
+            f"RETURNING {', '.join(m + '.' + col.strip() for col in self.returned.split(','))}), "
+            f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
+            "FROM upd GROUP BY queue_id) "
+            f"SELECT upd.*, probe.expired FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} "
+            f"AND expires_at <= :now AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe "
+            "LEFT JOIN upd ON true"
+        )
+        self._claim_sqlite: dict[int, sa.TextClause] = {}
+        # SQLite: count first, then delete; PostgreSQL counts what it deleted in the same statement.
+        terminal = f"state >= {DELIVERED} AND updated_at < :before"
+        cleared = (
+            f"state IN ({NEW}, {RETRIES}) AND (queue_id, epoch) IN "
+            f"(SELECT queue_id, epoch FROM {cl} WHERE cleared_at < :before)"
+        )
+        self.purge_pg = sa.text(
+            f"WITH gone AS (DELETE FROM {m} WHERE ({terminal}) OR ({cleared}) "
+            f"RETURNING queue_id, CASE WHEN state >= {DELIVERED} THEN state ELSE {DELETED} END AS state) "
+            "SELECT queue_id, state, count(*) FROM gone GROUP BY queue_id, state"
+        )
+        self.purge_count = sa.text(
+            f"SELECT queue_id, state, count(*) FROM {m} WHERE {terminal} GROUP BY queue_id, state "
+            f"UNION ALL SELECT queue_id, {DELETED}, count(*) FROM {m} WHERE {cleared} GROUP BY queue_id"
+        )
+        self.purge_terminal = sa.text(f"DELETE FROM {m} WHERE {terminal}")
+        self.purge_cleared = sa.text(f"DELETE FROM {m} WHERE {cleared}")
+
+    def claim_sqlite(self, queues: int) -> sa.TextClause:
+        """The claim over ``queues`` sender queues: the oldest due of each, merged (SQLite)."""
+        statement = self._claim_sqlite.get(queues)
+        if statement is None:
+            m = self.m
+            ready = f"state IN ({NEW}, {RETRIES}) AND due <= :now"
+            if queues <= 64:
+                branches = " UNION ALL ".join(
+                    f"SELECT * FROM (SELECT seq, due FROM {m} WHERE queue_id = :q{n} AND epoch = :e{n} "
+                    f"AND {ready} ORDER BY due, seq LIMIT :limit)"
+                    for n in range(queues)
+                )
+                pick = f"SELECT seq FROM ({branches}) ORDER BY due, seq LIMIT :limit"
+            else:  # past SQLite's compound-select limit: one scan of the sender's ready messages
+                pairs = ", ".join(f"(:q{n}, :e{n})" for n in range(queues))
+                pick = (
+                    f"SELECT seq FROM {m} WHERE (queue_id, epoch) IN (VALUES {pairs}) AND {ready} "
+                    "ORDER BY due, seq LIMIT :limit"
+                )
+            statement = sa.text(
+                f"UPDATE {m} SET {self.claimed} WHERE seq IN ({pick}) RETURNING {self.returned}"
+            )
+            self._claim_sqlite[queues] = statement
+        return statement
+
+    _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel")
+    _TYPES = ("text", "bigint", "int", "bigint", "smallint", "smallint", "smallint", "bigint", "text", "int")
+
+    def settle(self, rows: list[tuple[Any, ...]], now: int) -> tuple[sa.TextClause, dict[str, Any]]:
+        """The statement that settles ``rows`` (one per claim, no message twice), and its parameters."""
+        if self.pg:
+            params: dict[str, Any] = {name: [r[i] for r in rows] for i, name in enumerate(self._COLUMNS)}
+        else:
+            params = {"rows": json.dumps(rows)}
+        params["now"] = now
+        return self._settle_statement, params
+
+    @functools.cached_property
+    def _settle_statement(self) -> sa.TextClause:
+        m, q, d = self.m, self.q, self.d
+        columns = ", ".join(self._COLUMNS)
+        if self.pg:
+            arrays = ", ".join(
+                f"CAST(:{n} AS {t}[])" for n, t in zip(self._COLUMNS, self._TYPES, strict=True)
+            )
+            given = f"i AS (SELECT * FROM unnest({arrays}) AS u({columns}))"
+            lock = " FOR SHARE"
+        else:
+            # One JSON parameter: a fixed statement, whatever the batch size.
+            fields = ", ".join(f"value ->> {n} AS {name}" for n, name in enumerate(self._COLUMNS))
+            given = f"i AS (SELECT {fields} FROM json_each(:rows))"
+            lock = ""
+        # The sender queues are share-locked first (in id order), so a clear or freeze is never
+        # half seen; a message whose queue was cleared since its claim leaves as DELETED.
+        update = (
+            f"UPDATE {m} SET "
+            f"state = CASE WHEN {m}.epoch <> lq.epoch THEN i.dc "
+            f"WHEN {m}.claimed_from = {NEW} THEN i.dn ELSE i.dr END, "
+            f"due = CASE WHEN {m}.epoch = lq.epoch AND i.nxt IS NOT NULL THEN i.nxt ELSE {m}.due END, "
+            f"attempts = {m}.attempts - i.rel, last_error = COALESCE(i.err, {m}.last_error), "
+            "token = NULL, expires_at = NULL, updated_at = :now "
+            f"FROM i, lq WHERE {m}.id = i.mid AND {m}.token = i.tok AND {m}.state = {SENDING} "
+            f"AND {m}.attempts = i.att AND {m}.created_at = i.crt AND lq.id = {m}.queue_id "
+            f"RETURNING {m}.id, {m}.queue_id, {m}.state"
+        )
+        head = (
+            f"WITH {given}, lq AS (SELECT id, epoch FROM {q} WHERE id IN "
+            f"(SELECT queue_id FROM {m} WHERE id IN (SELECT mid FROM i)) ORDER BY id{lock})"
+        )
+        if not self.pg:
+            return sa.text(f"{head} {update}")
+        counted = ", ".join(
+            [
+                f"count(*) FILTER (WHERE state = {NEW})",
+                f"count(*) FILTER (WHERE state = {RETRIES})",
+                "-count(*)",
+            ]
+            + [f"count(*) FILTER (WHERE state = {s})" for s in (DELIVERED, FAILED, DELETED)]
+        )
+        return sa.text(
+            f"{head}, upd AS ({update}), ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
+            f"SELECT queue_id, {counted} FROM upd GROUP BY queue_id) SELECT id, queue_id, state FROM upd"
+        )

@@ -1,0 +1,160 @@
+"""The tables of one namespace, and the versioned list of migrations that builds them.
+
+Every table name carries the namespace (``sq_<namespace>_messages``), so namespaces
+share a database and never see each other. A message stores only NEW, RETRIES,
+SENDING or a verdict; FROZEN and cleared-DELETED are derived from its sender
+queue's ``frozen`` flag and ``epoch``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import cache
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Tables", "check_namespace", "tables"]
+
+# Stored message states; FROZEN is never stored (the sender queue's flag says it).
+NEW, RETRIES, SENDING, DELIVERED, FAILED, DELETED = 1, 2, 3, 4, 5, 6
+
+_NAMESPACE = re.compile(r"[a-z0-9_]{1,40}")
+
+
+def check_namespace(namespace: str) -> str:
+    """A namespace is 1 to 40 of ``a-z 0-9 _``: it becomes part of table names."""
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(f"namespace must be 1 to 40 characters of a-z, 0-9 and _, not {namespace!r}")
+    return namespace
+
+
+_ID = sa.String(255)
+# SQLite makes an INTEGER PRIMARY KEY the rowid: ordered, and free to allocate.
+_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class Tables:
+    """The SQLAlchemy Core tables of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = prefix = f"sq_{namespace}_"
+        self.metadata = metadata = sa.MetaData()
+        self.meta = sa.Table(
+            f"{prefix}meta",
+            metadata,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", sa.String(255), nullable=False),
+        )
+        self.mailings = sa.Table(
+            f"{prefix}mailings",
+            metadata,
+            sa.Column("mailing", _ID, primary_key=True),
+            sa.Column("frozen", sa.Boolean, nullable=False),
+        )
+        self.queues = sa.Table(
+            f"{prefix}queues",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("mailing", _ID, nullable=False),
+            sa.Column("sender", _ID, nullable=False),
+            sa.Column("frozen", sa.Boolean, nullable=False),
+            sa.Column("changed_at", sa.BigInteger, nullable=False),  # when `frozen` last changed
+            sa.Column("epoch", sa.Integer, nullable=False),  # bumped by each clear
+            sa.UniqueConstraint("mailing", "sender"),
+            sa.Index(f"{prefix}queues_sender", "sender"),
+        )
+        # The base counts of each sender queue. On PostgreSQL writers append to `deltas`
+        # instead, so that concurrent workers never wait on one hot row; they are folded in here.
+        self.counts = sa.Table(
+            f"{prefix}counts",
+            metadata,
+            sa.Column("queue_id", sa.Integer, primary_key=True),
+            *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTS),
+        )
+        self.deltas = sa.Table(
+            f"{prefix}deltas",
+            metadata,
+            sa.Column("id", _SEQ, primary_key=True, autoincrement=True),
+            sa.Column("queue_id", sa.Integer, nullable=False),
+            *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTS),
+            sa.Index(f"{prefix}deltas_queue", "queue_id"),
+        )
+        # clears(queue, epoch): the clear that ended that epoch, for the derived `updated_at`.
+        self.clears = sa.Table(
+            f"{prefix}clears",
+            metadata,
+            sa.Column("queue_id", sa.Integer, primary_key=True),
+            sa.Column("epoch", sa.Integer, primary_key=True),
+            sa.Column("cleared_at", sa.BigInteger, nullable=False),
+        )
+        ready = sa.text(f"state IN ({NEW}, {RETRIES})")
+        sending = sa.text(f"state = {SENDING}")
+        self.messages = sa.Table(
+            f"{prefix}messages",
+            metadata,
+            sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),  # enqueue order
+            sa.Column("id", _ID, nullable=False, unique=True),
+            sa.Column("queue_id", sa.Integer, nullable=False),
+            sa.Column("recipient", sa.String(254), nullable=False),
+            sa.Column("mail_from", sa.String(254), nullable=False),
+            sa.Column("content", sa.LargeBinary, nullable=False),
+            sa.Column("state", sa.SmallInteger, nullable=False),
+            sa.Column("claimed_from", sa.SmallInteger, nullable=False),
+            sa.Column("attempts", sa.Integer, nullable=False),
+            sa.Column("due", sa.BigInteger, nullable=False),  # next attempt time
+            sa.Column("epoch", sa.Integer, nullable=False),
+            sa.Column("last_error", sa.Text),
+            sa.Column("created_at", sa.BigInteger, nullable=False),
+            sa.Column("updated_at", sa.BigInteger, nullable=False),
+            sa.Column("token", sa.BigInteger),
+            sa.Column("expires_at", sa.BigInteger),
+            # Only queued messages are in the claim index: history never slows a claim down.
+            # A cleared queue's old messages sit under an older epoch, outside the claim's range.
+            sa.Index(
+                f"{prefix}messages_ready",
+                "queue_id",
+                "epoch",
+                "due",
+                "seq",
+                sqlite_where=ready,
+                postgresql_where=ready,
+            ),
+            sa.Index(
+                f"{prefix}messages_leases", "expires_at", sqlite_where=sending, postgresql_where=sending
+            ),
+        )
+        # Terminal messages by age, for purge: made by migration 2 in plain DDL, so that it stays
+        # out of `metadata` (which migration 1 creates whole).
+        self.terminal_index = f"{prefix}messages_terminal"
+
+
+COUNTS = ("new", "retries", "sending", "delivered", "failed", "deleted")
+
+
+@cache
+def tables(namespace: str) -> Tables:
+    """The tables of a namespace, built once per process."""
+    return Tables(check_namespace(namespace))
+
+
+def _v1(conn: Connection, t: Tables) -> None:
+    """Version 1: the tables and the claim and lease indexes."""
+    t.metadata.create_all(conn, checkfirst=False)
+
+
+def _v2(conn: Connection, t: Tables) -> None:
+    """Version 2: an index of terminal messages by age, so purge does not scan the queue."""
+    conn.execute(
+        sa.text(
+            f"CREATE INDEX {t.terminal_index} ON {t.messages.name} (updated_at) WHERE state >= {DELIVERED}"
+        )
+    )
+
+
+MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2]
+"""``MIGRATIONS[n]`` takes a namespace from schema version ``n`` to ``n + 1``."""
+SCHEMA_VERSION = len(MIGRATIONS)
+"""The schema version this code reads and writes."""

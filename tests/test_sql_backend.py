@@ -1,0 +1,359 @@
+"""What only the SQL backend promises: many processes, crashes, lost connections, namespaces, schema."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from senderqueue_sql import SCHEMA_VERSION, SQLBackend
+from senderqueue_sql._schema import MIGRATIONS, tables
+
+import senderqueue as sq
+from senderqueue.testing import ManualClock
+
+SQL = [
+    pytest.param("sqlite", marks=pytest.mark.sqlite, id="sqlite"),
+    pytest.param("postgresql", marks=pytest.mark.postgresql, id="postgresql"),
+]
+CONTENT = b"Subject: hi\r\n\r\nHello.\r\n"
+FAST_RETRY = sq.RetryPolicy(
+    min_backoff=timedelta(milliseconds=1), max_backoff=timedelta(milliseconds=4), max_attempts=1000
+)
+START = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def message(mailing: str, sender: str, n: int, message_id: str | None = None) -> sq.NewMessage:
+    return sq.NewMessage(
+        mailing=mailing,
+        sender=sender,
+        recipient=f"r{n}@example.com",
+        content=CONTENT,
+        mail_from="news@shop.example",
+        message_id=message_id,
+    )
+
+
+def fill(queue: sq.SenderQueue, cells: list[tuple[str, str]], count: int) -> list[str]:
+    ids = [f"{cells[n % len(cells)][0]}-{n}" for n in range(count)]
+    for start in range(0, count, 1000):
+        queue.enqueue_many(
+            message(*cells[n % len(cells)], n, message_id=ids[n])
+            for n in range(start, min(start + 1000, count))
+        )
+    return ids
+
+
+@pytest.fixture
+def url(backend_url: str) -> Iterator[str]:
+    """A URL with a namespace of its own; the namespace is dropped afterwards."""
+    separator = "&" if "?" in backend_url else "?"
+    namespaced = f"{backend_url}{separator}namespace=t{uuid.uuid4().hex[:12]}"
+    yield namespaced
+    backend = sq.SenderQueue.open(namespaced).backend
+    assert isinstance(backend, SQLBackend)
+    backend.destroy()
+    backend.close()
+
+
+def spawn(target: Callable[..., None], *args: Any) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    return process
+
+
+# -- work done in other processes (module level, so that spawn can import it) -------------
+
+
+def drain_worker(url: str, sender: str, out: str, stop_when_empty: list[str]) -> None:
+    """Claim and deliver until the mailings have nothing queued; write the ids delivered to ``out``."""
+    queue = sq.SenderQueue.open(url, retry=FAST_RETRY)
+    rnd = random.Random(out)
+    delivered: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        claims = queue.claim(sender, rnd.randint(50, 150), lease=timedelta(minutes=10))
+        if not claims:
+            stopped = Path(out + ".stop").exists()
+            if stopped and all(queue.metrics(m).total == 0 for m in stop_when_empty):
+                break
+            time.sleep(0.002)
+            continue
+        reports: list[tuple[sq.Claim, sq.Outcome]] = []
+        for claim in claims:
+            soft = rnd.random() < 0.05
+            reports.append((claim, sq.SoftBounce(code=451, text="busy") if soft else sq.Delivered(code=250)))
+        for (claim, outcome), lost in zip(reports, queue.report_many(reports), strict=True):
+            assert lost is None, lost
+            if isinstance(outcome, sq.Delivered):
+                delivered.append(claim.message.id)
+    Path(out).write_text("\n".join(delivered))
+    queue.close()
+
+
+def claim_and_hang(url: str, ready: str) -> None:
+    """Claim 50 messages on a short lease, say so, then wait to be killed."""
+    queue = sq.SenderQueue.open(url)
+    claims = queue.claim("s1", 50, lease=timedelta(seconds=30))
+    Path(ready).write_text(str(len(claims)))
+    time.sleep(600)
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_url", SQL, indirect=True)
+class TestSQLBackend:
+    @pytest.mark.slow
+    @pytest.mark.parametrize("operator", [False, True], ids=["plain", "freeze-unfreeze-clear"])
+    def test_four_processes_drain_each_message_exactly_once(
+        self, url: str, tmp_path: Path, operator: bool
+    ) -> None:
+        queue = sq.SenderQueue.open(url, retry=FAST_RETRY)
+        cells = [("m1", "s1"), ("m2", "s1"), ("m1", "s2"), ("m2", "s2")]
+        ids = fill(queue, cells, 20_000)
+        outs = [str(tmp_path / f"worker{n}") for n in range(4)]
+        if not operator:
+            for out in outs:
+                Path(out + ".stop").touch()
+        workers = [spawn(drain_worker, url, f"s{n % 2 + 1}", out, ["m1", "m2"]) for n, out in enumerate(outs)]
+        rnd = random.Random(7)
+        if operator:
+            for _ in range(200):
+                mailing = rnd.choice(["m1", "m2"])
+                sender = rnd.choice([None, "s1", "s2"])
+                action = rnd.choices(["freeze", "unfreeze", "clear"], weights=[10, 10, 1])[0]
+                getattr(queue, action)(mailing, sender)
+                books = queue.metrics("m1") + queue.metrics("m2")
+                assert books.delivered + books.deleted + books.total == len(ids), books
+                assert books.failed == 0
+                time.sleep(0.005)
+            for mailing in ("m1", "m2"):
+                queue.unfreeze(mailing)
+            for out in outs:
+                Path(out + ".stop").touch()
+        for worker in workers:
+            worker.join(300)
+            assert worker.exitcode == 0
+        delivered = [i for out in outs for i in Path(out).read_text().split("\n") if i]
+        assert len(delivered) == len(set(delivered)), "a message was delivered twice"
+        books = queue.metrics("m1") + queue.metrics("m2")
+        assert books.total == 0
+        assert books.delivered == len(delivered)
+        assert books.delivered + books.deleted == len(ids)
+        if not operator:
+            assert sorted(delivered) == sorted(ids)
+        for message_id in random.Random(1).sample(ids, 200):
+            state = queue.get(message_id).state
+            assert state is (sq.State.DELIVERED if message_id in set(delivered) else sq.State.DELETED)
+        queue.close()
+
+    @pytest.mark.slow
+    def test_a_killed_workers_claims_are_retried_after_the_lease(self, url: str, tmp_path: Path) -> None:
+        queue = sq.SenderQueue.open(url)
+        ids = fill(queue, [("m1", "s1")], 80)
+        ready = tmp_path / "ready"
+        worker = spawn(claim_and_hang, url, str(ready))
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.read_text() == "50"
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        assert queue.metrics("m1") == sq.Metrics(new=30, sending=50)
+        # A clock past the lease and the backoff stands in for waiting.
+        clock = ManualClock(datetime.now(UTC) + timedelta(hours=1))
+        later = sq.SenderQueue.open(url, clock=clock)
+        assert later.expire_leases() == 50
+        clock.advance(timedelta(hours=1))
+        claims = later.claim("s1", 100)
+        assert sorted(c.message.id for c in claims) == sorted(ids)
+        assert sorted(c.message.attempts for c in claims) == [1] * 30 + [2] * 50
+        assert not any(later.report_many([(c, sq.Delivered()) for c in claims]))
+        assert later.metrics("m1") == sq.Metrics(delivered=80)
+        later.close()
+        queue.close()
+
+    def test_namespaces_never_see_each_other(self, new_backend: Callable[[], sq.Backend]) -> None:
+        one = sq.SenderQueue(new_backend(), clock=ManualClock(START))
+        two = sq.SenderQueue(new_backend(), clock=ManualClock(START))
+        one.enqueue_many([message("m1", "s1", 0, message_id="same")])
+        assert two.metrics("m1") == sq.Metrics()
+        with pytest.raises(sq.UnknownMessage):
+            two.get("same")
+        assert two.claim("s1", 10) == []
+        two.enqueue_many([message("m1", "s1", 1, message_id="same")])
+        two.freeze("m1")
+        assert one.metrics("m1") == sq.Metrics(new=1)
+        assert two.metrics("m1") == sq.Metrics(frozen=1)
+        assert one.get("same").recipient == "r0@example.com"
+
+    def test_open_finds_the_backend_and_an_engine_makes_one_too(self, url: str) -> None:
+        queue = sq.SenderQueue.open(url)
+        assert isinstance(queue.backend, SQLBackend)
+        queue.enqueue_many([message("m1", "s1", 0, message_id="x")])
+        engine = sa.create_engine(queue.backend.engine.url)
+        typed = sq.SenderQueue(SQLBackend(engine, namespace=queue.backend.namespace))
+        assert typed.get("x").state is sq.State.NEW
+        typed.close()
+        engine.dispose()
+        queue.close()
+
+    def test_a_bad_namespace_or_url_is_rejected(self, backend_url: str) -> None:
+        with pytest.raises(sq.InvalidArgument):
+            sq.SenderQueue.open(f"{backend_url}?namespace=Robert'); DROP TABLE")
+        with pytest.raises(sq.InvalidArgument):
+            sq.SenderQueue.open("sqlite://")
+
+    def test_an_older_schema_is_migrated_and_a_newer_one_refused(self, backend_url: str) -> None:
+        namespace = f"t{uuid.uuid4().hex[:12]}"
+        t = tables(namespace)
+        url = f"{backend_url}?namespace={namespace}"
+        engine = sa.create_engine(url.split("?")[0].replace("postgresql://", "postgresql+psycopg://"))
+        with engine.begin() as conn:  # a namespace as version 1 of this package left it
+            MIGRATIONS[0](conn, t)
+            conn.execute(t.meta.insert().values(key="schema_version", value="1"))
+        assert t.terminal_index not in {i["name"] for i in sa.inspect(engine).get_indexes(t.messages.name)}
+        backend = SQLBackend(engine, namespace=namespace)
+        assert backend.schema_version() == SCHEMA_VERSION == 2
+        assert t.terminal_index in {i["name"] for i in sa.inspect(engine).get_indexes(t.messages.name)}
+        with engine.begin() as conn:
+            conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
+        from senderqueue_sql import _backend
+
+        _backend._READY.clear()  # as a fresh process would
+        with pytest.raises(sq.BackendError, match="schema version 3"):
+            SQLBackend(engine, namespace=namespace)
+        backend.destroy()
+        engine.dispose()
+
+    def test_history_stays_out_of_the_claim_index_and_purge_removes_it(self, url: str) -> None:
+        clock = ManualClock(START)
+        queue = sq.SenderQueue.open(url, clock=clock)
+        fill(queue, [("m1", "s1")], 500)
+        while claims := queue.claim("s1", 100):
+            queue.report_many([(c, sq.Delivered()) for c in claims])
+        (fresh,) = queue.enqueue_many([message("m1", "s1", 9)])
+        backend = queue.backend
+        assert isinstance(backend, SQLBackend)
+        t = tables(backend.namespace)
+        ready = sa.text("state IN (1, 2)")
+        with backend.engine.connect() as conn:
+            # The claim index holds only queued messages: the 500 delivered ones are not in it.
+            counted = sa.select(sa.func.count()).select_from(t.messages).where(ready)
+            assert conn.execute(counted).scalar() == 1
+            explain = "EXPLAIN QUERY PLAN " if backend.engine.dialect.name == "sqlite" else "EXPLAIN "
+            claim_pick = (
+                f"SELECT seq FROM {t.messages.name} WHERE queue_id = 1 AND epoch = 0 "
+                "AND state IN (1, 2) AND due <= 0 ORDER BY due, seq LIMIT 100"
+            )
+            if backend.engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table would be scanned anyway
+            plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + claim_pick))
+            assert f"{t.prefix}messages_ready" in plan
+        clock.advance(timedelta(days=1))
+        assert queue.purge(timedelta(hours=1)) == 500
+        assert queue.metrics("m1") == sq.Metrics(new=1)
+        with backend.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(t.messages)).scalar() == 1
+        assert queue.claim("s1")[0].message.id == fresh
+        queue.close()
+
+    def test_an_unreachable_database_is_a_backend_error(self, backend_url: str, tmp_path: Path) -> None:
+        if backend_url.startswith("sqlite"):
+            bad = f"sqlite:///{tmp_path}/no/such/dir/queue.db"
+        else:
+            bad = "postgresql://postgres@127.0.0.1:1/test"
+        with pytest.raises(sq.BackendError):
+            sq.SenderQueue.open(bad)
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+class TestLostConnection:
+    """``pg_terminate_backend`` mid-operation: a ``BackendError``, and no partial effect."""
+
+    @pytest.fixture
+    def queue(self, url: str) -> Iterator[sq.SenderQueue]:
+        queue = sq.SenderQueue.open(url, clock=ManualClock(START))
+        yield queue
+        queue.close()
+
+    @staticmethod
+    def kill_at(queue: sq.SenderQueue, marker: str, when: str = "after") -> Callable[[], None]:
+        """Terminate the connection ``when`` ("before" or "after") it runs a statement containing ``marker``.
+
+        A one-statement operation (claim, report_many on PostgreSQL) is its own transaction:
+        it is cut before it runs. The others are cut after one of their statements.
+        """
+        backend = queue.backend
+        assert isinstance(backend, SQLBackend)
+        armed = [True]
+
+        def after(conn: sa.Connection, cursor: Any, statement: str, *_: object) -> None:
+            if armed[0] and marker in statement and f"sq_{backend.namespace}_" in statement:
+                armed[0] = False
+                pid = cursor.connection.info.backend_pid
+                with psycopg.connect(
+                    str(backend.engine.url.set(drivername="postgresql")), autocommit=True
+                ) as k:
+                    k.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        event = f"{when}_cursor_execute"
+        # On every engine: the backend keeps a second pool, in autocommit, for one-statement work.
+        sa.event.listen(sa.Engine, event, after)
+        return lambda: sa.event.remove(sa.Engine, event, after)
+
+    def test_enqueue(self, queue: sq.SenderQueue) -> None:
+        undo = self.kill_at(queue, "INSERT INTO sq_")
+        try:
+            with pytest.raises(sq.BackendError):
+                queue.enqueue_many([message("m1", "s1", n, message_id=f"id{n}") for n in range(10)])
+        finally:
+            undo()
+        assert queue.metrics("m1") == sq.Metrics()
+        with pytest.raises(sq.UnknownMessage):
+            queue.get("id0")
+        assert queue.enqueue_many([message("m1", "s1", 0, message_id="id0")]) == ["id0"]
+
+    def test_claim_and_report(self, queue: sq.SenderQueue) -> None:
+        ids = fill(queue, [("m1", "s1")], 5)
+        undo = self.kill_at(queue, "FOR UPDATE SKIP LOCKED", "before")
+        try:
+            with pytest.raises(sq.BackendError):
+                queue.claim("s1", 5)
+        finally:
+            undo()
+        assert queue.metrics("m1") == sq.Metrics(new=5)
+        assert [queue.get(i).attempts for i in ids] == [0] * 5
+        claims = queue.claim("s1", 5)
+        undo = self.kill_at(queue, "unnest", "before")
+        try:
+            with pytest.raises(sq.BackendError):
+                queue.report_many([(c, sq.Delivered()) for c in claims])
+        finally:
+            undo()
+        assert queue.metrics("m1") == sq.Metrics(sending=5)
+        assert not any(queue.report_many([(c, sq.Delivered()) for c in claims]))
+        assert queue.metrics("m1") == sq.Metrics(delivered=5)
+
+    def test_clear(self, queue: sq.SenderQueue) -> None:
+        fill(queue, [("m1", "s1"), ("m1", "s2")], 6)
+        undo = self.kill_at(queue, "INSERT INTO sq_")  # the clears row, after the epoch moved on
+        try:
+            with pytest.raises(sq.BackendError):
+                queue.clear("m1")
+        finally:
+            undo()
+        assert queue.metrics("m1") == sq.Metrics(new=6)
+        assert queue.clear("m1") == 6
