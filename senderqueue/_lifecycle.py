@@ -174,7 +174,7 @@ def diagram() -> str:
     from transitions.extensions import GraphMachine
 
     class _Drawing:
-        pass
+        """A throwaway model: GraphMachine attaches its triggers and get_graph() to it."""
 
     drawing = _Drawing()
     GraphMachine(model=drawing, graph_engine="mermaid", title="Message lifecycle", **_machine_spec())  # type: ignore[arg-type]
