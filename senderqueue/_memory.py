@@ -78,15 +78,8 @@ class _SenderQueue:
         self.delivered = self.failed = self.deleted = 0
 
     def metrics(self) -> Metrics:
-        if self.frozen:
-            return Metrics(
-                frozen=self.new + self.retries,
-                sending=self.sending,
-                delivered=self.delivered,
-                failed=self.failed,
-                deleted=self.deleted,
-            )
-        return Metrics(
+        return Metrics.of_sender_queue(
+            frozen=self.frozen,
             new=self.new,
             retries=self.retries,
             sending=self.sending,

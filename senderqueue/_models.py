@@ -113,6 +113,29 @@ class Metrics:
             deleted=self.deleted + other.deleted,
         )
 
+    @classmethod
+    def of_sender_queue(
+        cls, *, frozen: bool, new: int, retries: int, sending: int, delivered: int, failed: int, deleted: int
+    ) -> Metrics:
+        """A sender queue's metrics from its stored counters: a frozen queue shows NEW and RETRIES as FROZEN.
+
+        Every backend keeps counters of stored states and a frozen flag per sender queue; this
+        is the one place that derives the FROZEN count from them.
+        """
+        if frozen:
+            new, retries, frozen_count = 0, 0, new + retries
+        else:
+            frozen_count = 0
+        return cls(
+            frozen=frozen_count,
+            new=new,
+            retries=retries,
+            sending=sending,
+            delivered=delivered,
+            failed=failed,
+            deleted=deleted,
+        )
+
     def as_dict(self) -> dict[str, int]:
         """All eight counts, ``total`` first."""
         return {"total": self.total, **attrs.asdict(self)}

@@ -305,13 +305,12 @@ class RedisBackend:
         reply = self._run(SCRIPTS["metrics"], mailing, sender or "")
         for i in range(0, len(reply), 8):
             name, frozen, new, retries, sending, delivered, failed, deleted = reply[i : i + 8]
-            queued = int(new), int(retries)
             yield (
                 name.decode(),
-                Metrics(
-                    frozen=sum(queued) if frozen == b"1" else 0,
-                    new=0 if frozen == b"1" else queued[0],
-                    retries=0 if frozen == b"1" else queued[1],
+                Metrics.of_sender_queue(
+                    frozen=frozen == b"1",
+                    new=int(new),
+                    retries=int(retries),
                     sending=int(sending),
                     delivered=int(delivered),
                     failed=int(failed),

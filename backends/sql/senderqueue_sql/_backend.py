@@ -721,20 +721,15 @@ class SQLBackend:
         result = {}
         for row in rows:
             new, retries, sending, delivered, failed, deleted = (int(v) for v in row[2:])
-            if row.frozen:
-                metrics = Metrics(
-                    frozen=new + retries, sending=sending, delivered=delivered, failed=failed, deleted=deleted
-                )
-            else:
-                metrics = Metrics(
-                    new=new,
-                    retries=retries,
-                    sending=sending,
-                    delivered=delivered,
-                    failed=failed,
-                    deleted=deleted,
-                )
-            result[row.sender] = metrics
+            result[row.sender] = Metrics.of_sender_queue(
+                frozen=bool(row.frozen),
+                new=new,
+                retries=retries,
+                sending=sending,
+                delivered=delivered,
+                failed=failed,
+                deleted=deleted,
+            )
         return result
 
     def metrics(self, mailing: str, sender: str | None) -> Metrics:
