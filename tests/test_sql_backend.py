@@ -221,19 +221,29 @@ class TestSQLBackend:
         t = tables(namespace)
         url = f"{backend_url}?namespace={namespace}"
         engine = sa.create_engine(url.split("?")[0].replace("postgresql://", "postgresql+psycopg://"))
-        with engine.begin() as conn:  # a namespace as version 1 of this package left it
-            MIGRATIONS[0](conn, t)
-            conn.execute(t.meta.insert().values(key="schema_version", value="1"))
-        assert t.terminal_index not in {i["name"] for i in sa.inspect(engine).get_indexes(t.messages.name)}
-        backend = SQLBackend(engine, namespace=namespace)
-        assert backend.schema_version() == SCHEMA_VERSION == 2
-        assert t.terminal_index in {i["name"] for i in sa.inspect(engine).get_indexes(t.messages.name)}
-        with engine.begin() as conn:
-            conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
+        queue = sq.SenderQueue(SQLBackend(engine, namespace=namespace))
+        queue.enqueue_many([message("m1", "s1", 0, message_id="old")])
+        m, ct = t.messages.name, t.contents.name
+        blob = sa.LargeBinary().compile(dialect=engine.dialect)
+        with engine.begin() as conn:  # back to the shape version 1 left: no terminal index, content in the row
+            conn.execute(sa.text(f"DROP INDEX {t.terminal_index}"))
+            conn.execute(sa.text(f"ALTER TABLE {m} ADD COLUMN content {blob}"))
+            conn.execute(sa.text(f"UPDATE {m} SET content = (SELECT content FROM {ct} WHERE {ct}.seq = {m}.seq)"))
+            conn.execute(sa.text(f"DROP TABLE {ct}"))
+            conn.execute(t.meta.update().values(value="1"))
         from senderqueue_sql import _backend
 
         _backend._READY.clear()  # as a fresh process would
-        with pytest.raises(sq.BackendError, match="schema version 3"):
+        backend = SQLBackend(engine, namespace=namespace)
+        assert backend.schema_version() == SCHEMA_VERSION == 3
+        inspector = sa.inspect(engine)
+        assert t.terminal_index in {i["name"] for i in inspector.get_indexes(m)}
+        assert "content" not in {column["name"] for column in inspector.get_columns(m)}
+        assert backend.get("old").content == CONTENT
+        with engine.begin() as conn:
+            conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
+        _backend._READY.clear()
+        with pytest.raises(sq.BackendError, match="schema version 4"):
             SQLBackend(engine, namespace=namespace)
         backend.destroy()
         engine.dispose()

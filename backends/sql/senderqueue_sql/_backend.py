@@ -319,7 +319,7 @@ class SQLBackend:
             conn.execute(self._sql.add_counts, rows)
 
     def _note(self, queue_ids: Iterable[int]) -> None:
-        """Remember that these sender queues got deltas (PostgreSQL)."""
+        """Remember that these sender queues got one row of deltas each (PostgreSQL)."""
         with self._lock:
             self._pending.update(queue_ids)
 
@@ -408,7 +408,6 @@ class SQLBackend:
                         "queue_id": queue.id,
                         "recipient": message.recipient,
                         "mail_from": message.mail_from,
-                        "content": message.content,
                         "state": NEW,
                         "claimed_from": NEW,
                         "attempts": 0,
@@ -421,7 +420,12 @@ class SQLBackend:
                         "expires_at": None,
                     }
                 )
-            conn.execute(self._t.messages.insert(), rows)
+            m = self._t.messages
+            seqs = conn.execute(m.insert().returning(m.c.seq, sort_by_parameter_order=True), rows).scalars()
+            conn.execute(
+                self._t.contents.insert(),
+                [{"seq": seq, "content": message.content} for seq, message in zip(seqs, messages, strict=True)],
+            )
             self._count(conn, added)
             return [str(i) for i in ids]
 
@@ -449,8 +453,8 @@ class SQLBackend:
         # them after the claim changes nothing it could take: an expired lease's message is due
         # again only after a backoff, later than now.
         result = self._run(lambda conn: conn.execute(self._sql.claim_pg, params).all(), single=True)
-        rows = [row[:13] for row in result if row[0] is not None]
-        self._note(row[2] for row in rows)
+        rows = [row[:13] for row in result if row[0] is not None]  # the claimed, with their content
+        self._note({row[2] for row in rows})
         claims = self._run(lambda conn: self._claims(conn, rows, at), read=True) if rows else []
         if result and result[0][-1]:
 
@@ -474,12 +478,16 @@ class SQLBackend:
             return []
         branches = {f"q{n}": row.id for n, row in enumerate(ready)}
         branches |= {f"e{n}": row.epoch for n, row in enumerate(ready)}
-        return list(conn.execute(self._sql.claim_sqlite(len(ready)), params | branches).all())
+        rows = conn.execute(self._sql.claim_sqlite(len(ready)), params | branches).all()
+        if not rows:
+            return []
+        contents = dict(conn.execute(self._sql.contents, {"seqs": [row[0] for row in rows]}).all())
+        return [(*row, contents[row[0]]) for row in rows]
 
     def _claims(self, conn: Connection, rows: list[Any], now: int) -> list[Claim]:
         if not rows:
             return []
-        rows.sort(key=lambda row: (row[8], row[0]))  # (due, seq)
+        rows.sort(key=lambda row: (row[7], row[0]))  # (due, seq)
         names = self._names
         unknown = {row[2] for row in rows} - names.keys()
         if unknown:  # a sender queue's names never change: each process reads them once
@@ -505,7 +513,6 @@ class SQLBackend:
             queue_id,
             recipient,
             mail_from,
-            content,
             claimed_from,
             attempts,
             due,
@@ -513,6 +520,7 @@ class SQLBackend:
             created_at,
             token,
             expires_at,
+            content,
         ) in rows:
             taken[queue_id, claimed_from] += 1
             mailing, sender = names[queue_id]
@@ -565,7 +573,7 @@ class SQLBackend:
                 statement, params = self._sql.settle(rows, at)
                 settled = conn.execute(statement, params).all()
                 if self._pg:
-                    self._note(row.queue_id for row in settled)
+                    self._note({row.queue_id for row in settled})
                 else:
                     counts: dict[int, Counter[str]] = defaultdict(Counter)
                     for row in settled:
@@ -703,6 +711,7 @@ class SQLBackend:
                 gone = conn.execute(self._sql.purge_pg, params).all()
             else:
                 gone = conn.execute(self._sql.purge_count, params).all()
+                conn.execute(self._sql.purge_contents, params)
                 conn.execute(self._sql.purge_terminal, params)
                 conn.execute(self._sql.purge_cleared, params)
             counts: dict[int, Counter[str]] = defaultdict(Counter)
@@ -805,7 +814,7 @@ class _Statements:
 
     def __init__(self, t: Tables, pg: bool) -> None:
         self.pg = pg
-        m, q, c, d, cl = (x.name for x in (t.messages, t.queues, t.counts, t.deltas, t.clears))
+        m, q, c, d, cl, ct = (x.name for x in (t.messages, t.queues, t.counts, t.deltas, t.clears, t.contents))
         self.m, self.q, self.d = m, q, d
         self.add_counts = sa.text(
             f"UPDATE {c} SET "
@@ -833,9 +842,10 @@ class _Statements:
             "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) ORDER BY q.id"
         ).bindparams(sa.bindparam("sender", type_=sa.String))
         self.get = sa.text(
-            "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, m.content, m.state, m.attempts, "
+            "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, ct.content, m.state, m.attempts, "
             "m.due, m.last_error, m.created_at, m.updated_at, m.epoch, q.epoch AS queue_epoch, q.frozen, "
             f"q.changed_at, cl.cleared_at FROM {m} m JOIN {q} q ON q.id = m.queue_id "
+            f"JOIN {ct} ct ON ct.seq = m.seq "
             f"LEFT JOIN {cl} cl ON cl.queue_id = m.queue_id AND cl.epoch = m.epoch WHERE m.id = :id"
         )
         lease = "id, token, attempts, created_at"
@@ -851,8 +861,12 @@ class _Statements:
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender) ORDER BY expires_at, seq"
         )
         self.returned = (
-            "seq, id, queue_id, recipient, mail_from, content, claimed_from, attempts, due, last_error, "
+            "seq, id, queue_id, recipient, mail_from, claimed_from, attempts, due, last_error, "
             "created_at, token, expires_at"
+        )
+        # Content never changes: a claim reads it beside the rows it took.
+        self.contents = sa.text(f"SELECT seq, content FROM {ct} WHERE seq IN :seqs").bindparams(
+            sa.bindparam("seqs", expanding=True)
         )
         self.claimed = (
             f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "
@@ -878,9 +892,10 @@ class _Statements:
             f"RETURNING {', '.join(m + '.' + col.strip() for col in self.returned.split(','))}), "
             f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
             "FROM upd GROUP BY queue_id) "
-            f"SELECT upd.*, probe.expired FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} "
-            f"AND expires_at <= :now AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe "
-            "LEFT JOIN upd ON true"
+            f"SELECT upd.*, ct.content, probe.expired FROM (SELECT count(*) AS expired FROM {m} "
+            f"WHERE state = {SENDING} AND expires_at <= :now AND queue_id IN "
+            f"(SELECT id FROM {q} WHERE sender = :sender)) probe "
+            f"LEFT JOIN (upd JOIN {ct} ct ON ct.seq = upd.seq) ON true"
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
         # SQLite: count first, then delete; PostgreSQL counts what it deleted in the same statement.
@@ -891,12 +906,17 @@ class _Statements:
         )
         self.purge_pg = sa.text(
             f"WITH gone AS (DELETE FROM {m} WHERE ({terminal}) OR ({cleared}) "
-            f"RETURNING queue_id, CASE WHEN state >= {DELIVERED} THEN state ELSE {DELETED} END AS state) "
+            f"RETURNING seq, queue_id, CASE WHEN state >= {DELIVERED} THEN state ELSE {DELETED} END AS state), "
+            f"dropped AS (DELETE FROM {ct} WHERE seq IN (SELECT seq FROM gone)) "
             "SELECT queue_id, state, count(*) FROM gone GROUP BY queue_id, state"
         )
         self.purge_count = sa.text(
             f"SELECT queue_id, state, count(*) FROM {m} WHERE {terminal} GROUP BY queue_id, state "
             f"UNION ALL SELECT queue_id, {DELETED}, count(*) FROM {m} WHERE {cleared} GROUP BY queue_id"
+        )
+        self.purge_contents = sa.text(
+            f"DELETE FROM {ct} WHERE seq IN (SELECT seq FROM {m} WHERE {terminal} "
+            f"UNION ALL SELECT seq FROM {m} WHERE {cleared})"
         )
         self.purge_terminal = sa.text(f"DELETE FROM {m} WHERE {terminal}")
         self.purge_cleared = sa.text(f"DELETE FROM {m} WHERE {cleared}")
@@ -955,6 +975,9 @@ class _Statements:
             lock = ""
         # The sender queues are share-locked first (in id order), so a clear or freeze is never
         # half seen; a message whose queue was cleared since its claim leaves as DELETED.
+        # A message has a token only while it is SENDING (every way out sets it to NULL), so the
+        # token alone says the claim still holds; naming the state too would steer PostgreSQL to
+        # the lease index, whose entries of settled messages it must step over until a vacuum.
         update = (
             f"UPDATE {m} SET "
             f"state = CASE WHEN {m}.epoch <> lq.epoch THEN i.dc "
@@ -962,7 +985,7 @@ class _Statements:
             f"due = CASE WHEN {m}.epoch = lq.epoch AND i.nxt IS NOT NULL THEN i.nxt ELSE {m}.due END, "
             f"attempts = {m}.attempts - i.rel, last_error = COALESCE(i.err, {m}.last_error), "
             "token = NULL, expires_at = NULL, updated_at = :now "
-            f"FROM i, lq WHERE {m}.id = i.mid AND {m}.token = i.tok AND {m}.state = {SENDING} "
+            f"FROM i, lq WHERE {m}.id = i.mid AND {m}.token = i.tok "
             f"AND {m}.attempts = i.att AND {m}.created_at = i.crt AND lq.id = {m}.queue_id "
             f"RETURNING {m}.id, {m}.queue_id, {m}.state"
         )

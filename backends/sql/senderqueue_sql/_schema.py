@@ -100,7 +100,6 @@ class Tables:
             sa.Column("queue_id", sa.Integer, nullable=False),
             sa.Column("recipient", sa.String(254), nullable=False),
             sa.Column("mail_from", sa.String(254), nullable=False),
-            sa.Column("content", sa.LargeBinary, nullable=False),
             sa.Column("state", sa.SmallInteger, nullable=False),
             sa.Column("claimed_from", sa.SmallInteger, nullable=False),
             sa.Column("attempts", sa.Integer, nullable=False),
@@ -126,6 +125,14 @@ class Tables:
                 f"{prefix}messages_leases", "expires_at", sqlite_where=sending, postgresql_where=sending
             ),
         )
+        # Content lives beside the message, keyed by its seq: claims and reports rewrite the
+        # message row several times, and a row that carried the content would be copied each time.
+        self.contents = sa.Table(
+            f"{prefix}contents",
+            metadata,
+            sa.Column("seq", _SEQ, primary_key=True, autoincrement=False),
+            sa.Column("content", sa.LargeBinary, nullable=False),
+        )
         # Terminal messages by age, for purge: made by migration 2 in plain DDL, so that it stays
         # out of `metadata` (which migration 1 creates whole).
         self.terminal_index = f"{prefix}messages_terminal"
@@ -141,7 +148,11 @@ def tables(namespace: str) -> Tables:
 
 
 def _v1(conn: Connection, t: Tables) -> None:
-    """Version 1: the tables and the claim and lease indexes."""
+    """Version 1: the tables as declared above, with the claim and lease indexes.
+
+    Later migrations inspect before they change: on a namespace this version made, the
+    tables already have their latest shape.
+    """
     t.metadata.create_all(conn, checkfirst=False)
 
 
@@ -154,7 +165,16 @@ def _v2(conn: Connection, t: Tables) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2]
+def _v3(conn: Connection, t: Tables) -> None:
+    """Version 3: content moves out of the message row, into its own table."""
+    if "content" not in {column["name"] for column in sa.inspect(conn).get_columns(t.messages.name)}:
+        return  # made by this code's version 1, which declares the contents table
+    t.contents.create(conn, checkfirst=True)
+    conn.execute(sa.text(f"INSERT INTO {t.contents.name} (seq, content) SELECT seq, content FROM {t.messages.name}"))
+    conn.execute(sa.text(f"ALTER TABLE {t.messages.name} DROP COLUMN content"))
+
+
+MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3]
 """``MIGRATIONS[n]`` takes a namespace from schema version ``n`` to ``n + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""
