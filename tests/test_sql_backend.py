@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from senderqueue_sql import SCHEMA_VERSION, SQLBackend
-from senderqueue_sql._schema import MIGRATIONS, tables
+from senderqueue_sql._schema import tables
 
 import senderqueue as sq
 from senderqueue.testing import ManualClock
@@ -225,10 +225,12 @@ class TestSQLBackend:
         queue.enqueue_many([message("m1", "s1", 0, message_id="old")])
         m, ct = t.messages.name, t.contents.name
         blob = sa.LargeBinary().compile(dialect=engine.dialect)
-        with engine.begin() as conn:  # back to the shape version 1 left: no terminal index, content in the row
+        # Back to the shape version 1 left: no terminal index, content in the message row.
+        with engine.begin() as conn:
             conn.execute(sa.text(f"DROP INDEX {t.terminal_index}"))
             conn.execute(sa.text(f"ALTER TABLE {m} ADD COLUMN content {blob}"))
-            conn.execute(sa.text(f"UPDATE {m} SET content = (SELECT content FROM {ct} WHERE {ct}.seq = {m}.seq)"))
+            copy = f"UPDATE {m} SET content = (SELECT content FROM {ct} WHERE {ct}.seq = {m}.seq)"
+            conn.execute(sa.text(copy))
             conn.execute(sa.text(f"DROP TABLE {ct}"))
             conn.execute(t.meta.update().values(value="1"))
         from senderqueue_sql import _backend
@@ -347,7 +349,7 @@ class TestLostConnection:
         assert queue.metrics("m1") == sq.Metrics(new=5)
         assert [queue.get(i).attempts for i in ids] == [0] * 5
         claims = queue.claim("s1", 5)
-        undo = self.kill_at(queue, "unnest", "before")
+        undo = self.kill_at(queue, "json_array_elements", "before")
         try:
             with pytest.raises(sq.BackendError):
                 queue.report_many([(c, sq.Delivered()) for c in claims])

@@ -424,7 +424,7 @@ class SQLBackend:
             seqs = conn.execute(m.insert().returning(m.c.seq, sort_by_parameter_order=True), rows).scalars()
             conn.execute(
                 self._t.contents.insert(),
-                [{"seq": seq, "content": message.content} for seq, message in zip(seqs, messages, strict=True)],
+                [{"seq": seq, "content": new.content} for seq, new in zip(seqs, messages, strict=True)],
             )
             self._count(conn, added)
             return [str(i) for i in ids]
@@ -455,7 +455,9 @@ class SQLBackend:
         result = self._run(lambda conn: conn.execute(self._sql.claim_pg, params).all(), single=True)
         rows = [row[:13] for row in result if row[0] is not None]  # the claimed, with their content
         self._note({row[2] for row in rows})
-        claims = self._run(lambda conn: self._claims(conn, rows, at), read=True) if rows else []
+        if {row[2] for row in rows} - self._names.keys():
+            self._run(lambda conn: self._learn_names(conn, rows), read=True)
+        claims = self._claims(None, rows, at)
         if result and result[0][-1]:
 
             def expire(conn: Connection) -> None:
@@ -481,19 +483,26 @@ class SQLBackend:
         rows = conn.execute(self._sql.claim_sqlite(len(ready)), params | branches).all()
         if not rows:
             return []
-        contents = dict(conn.execute(self._sql.contents, {"seqs": [row[0] for row in rows]}).all())
+        found = conn.execute(self._sql.contents, {"seqs": [row[0] for row in rows]})
+        contents: dict[int, bytes] = dict(found.all())
         return [(*row, contents[row[0]]) for row in rows]
 
-    def _claims(self, conn: Connection, rows: list[Any], now: int) -> list[Claim]:
-        if not rows:
-            return []
-        rows.sort(key=lambda row: (row[7], row[0]))  # (due, seq)
-        names = self._names
-        unknown = {row[2] for row in rows} - names.keys()
+    def _learn_names(self, conn: Connection, rows: list[Any]) -> None:
+        """Read the (mailing, sender) of the sender queues of ``rows`` this process has not seen."""
+        unknown = {row[2] for row in rows} - self._names.keys()
         if unknown:  # a sender queue's names never change: each process reads them once
             q = self._t.queues
             query = sa.select(q.c.id, q.c.mailing, q.c.sender).where(q.c.id.in_(unknown))
-            names.update((r.id, (r.mailing, r.sender)) for r in conn.execute(query))
+            self._names.update((r.id, (r.mailing, r.sender)) for r in conn.execute(query))
+
+    def _claims(self, conn: Connection | None, rows: list[Any], now: int) -> list[Claim]:
+        """Claims of the claimed ``rows``; on SQLite (``conn`` given) also learn names and count."""
+        if not rows:
+            return []
+        if conn is not None:
+            self._learn_names(conn, rows)
+        rows.sort(key=lambda row: (row[7], row[0]))  # (due, seq)
+        names = self._names
         counts: dict[int, Counter[str]] = defaultdict(Counter)
         claims = []
         updated_at = _time(now)
@@ -543,7 +552,7 @@ class SQLBackend:
         for (queue_id, claimed_from), n in taken.items():
             counts[queue_id][_COUNTER[claimed_from]] -= n
             counts[queue_id]["sending"] += n
-        if not self._pg:  # PostgreSQL counted in the claim statement itself
+        if conn is not None:  # PostgreSQL counted in the claim statement itself
             self._count(conn, counts)
         return claims
 
@@ -814,7 +823,8 @@ class _Statements:
 
     def __init__(self, t: Tables, pg: bool) -> None:
         self.pg = pg
-        m, q, c, d, cl, ct = (x.name for x in (t.messages, t.queues, t.counts, t.deltas, t.clears, t.contents))
+        m, q, c, d = t.messages.name, t.queues.name, t.counts.name, t.deltas.name
+        cl, ct = t.clears.name, t.contents.name
         self.m, self.q, self.d = m, q, d
         self.add_counts = sa.text(
             f"UPDATE {c} SET "
@@ -885,17 +895,18 @@ class _Statements:
         self.claim_pg = sa.text(
             f"WITH qs AS (SELECT id, epoch FROM {q} WHERE sender = :sender AND NOT frozen "
             "ORDER BY id FOR SHARE), "
-            "pick AS (SELECT p.seq FROM qs CROSS JOIN LATERAL "
-            f"(SELECT seq, due FROM {m} WHERE queue_id = qs.id AND epoch = qs.epoch AND {ready} "
+            "pick AS (SELECT p.tid, p.seq FROM qs CROSS JOIN LATERAL "
+            f"(SELECT ctid AS tid, seq, due FROM {m} WHERE queue_id = qs.id AND epoch = qs.epoch AND {ready} "
             "ORDER BY due, seq LIMIT :limit FOR UPDATE SKIP LOCKED) p ORDER BY p.due, p.seq LIMIT :limit), "
-            f"upd AS (UPDATE {m} SET {self.claimed} FROM pick WHERE {m}.seq = pick.seq "
+            # The picked rows are locked: their physical address stays theirs until the update.
+            f"upd AS (UPDATE {m} SET {self.claimed} FROM pick "
+            f"WHERE {m}.ctid = pick.tid AND {m}.seq = pick.seq "
             f"RETURNING {', '.join(m + '.' + col.strip() for col in self.returned.split(','))}), "
             f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
             "FROM upd GROUP BY queue_id) "
-            f"SELECT upd.*, ct.content, probe.expired FROM (SELECT count(*) AS expired FROM {m} "
-            f"WHERE state = {SENDING} AND expires_at <= :now AND queue_id IN "
-            f"(SELECT id FROM {q} WHERE sender = :sender)) probe "
-            f"LEFT JOIN (upd JOIN {ct} ct ON ct.seq = upd.seq) ON true"
+            f"SELECT upd.*, (SELECT content FROM {ct} WHERE seq = upd.seq) AS content, probe.expired "
+            f"FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
+            f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
         # SQLite: count first, then delete; PostgreSQL counts what it deleted in the same statement.
@@ -906,7 +917,8 @@ class _Statements:
         )
         self.purge_pg = sa.text(
             f"WITH gone AS (DELETE FROM {m} WHERE ({terminal}) OR ({cleared}) "
-            f"RETURNING seq, queue_id, CASE WHEN state >= {DELIVERED} THEN state ELSE {DELETED} END AS state), "
+            f"RETURNING seq, queue_id, "
+            f"CASE WHEN state >= {DELIVERED} THEN state ELSE {DELETED} END AS state), "
             f"dropped AS (DELETE FROM {ct} WHERE seq IN (SELECT seq FROM gone)) "
             "SELECT queue_id, state, count(*) FROM gone GROUP BY queue_id, state"
         )
@@ -951,48 +963,56 @@ class _Statements:
 
     def settle(self, rows: list[tuple[Any, ...]], now: int) -> tuple[sa.TextClause, dict[str, Any]]:
         """The statement that settles ``rows`` (one per claim, no message twice), and its parameters."""
-        if self.pg:
-            params: dict[str, Any] = {name: [r[i] for r in rows] for i, name in enumerate(self._COLUMNS)}
-        else:
-            params = {"rows": json.dumps(rows)}
-        params["now"] = now
-        return self._settle_statement, params
+        return self._settle_statement, {"rows": json.dumps(rows), "now": now}
 
     @functools.cached_property
     def _settle_statement(self) -> sa.TextClause:
         m, q, d = self.m, self.q, self.d
-        columns = ", ".join(self._COLUMNS)
+        # One JSON parameter: a fixed statement whatever the batch size, and on PostgreSQL far
+        # cheaper to send than ten arrays (the driver dumps arrays element by element).
         if self.pg:
-            arrays = ", ".join(
-                f"CAST(:{n} AS {t}[])" for n, t in zip(self._COLUMNS, self._TYPES, strict=True)
+            fields = ", ".join(
+                f"CAST(value ->> {n} AS {t}) AS {name}"
+                for n, (name, t) in enumerate(zip(self._COLUMNS, self._TYPES, strict=True))
             )
-            given = f"i AS (SELECT * FROM unnest({arrays}) AS u({columns}))"
+            given = f"i AS (SELECT {fields} FROM json_array_elements(CAST(:rows AS json)))"
             lock = " FOR SHARE"
         else:
-            # One JSON parameter: a fixed statement, whatever the batch size.
             fields = ", ".join(f"value ->> {n} AS {name}" for n, name in enumerate(self._COLUMNS))
             given = f"i AS (SELECT {fields} FROM json_each(:rows))"
             lock = ""
         # The sender queues are share-locked first (in id order), so a clear or freeze is never
         # half seen; a message whose queue was cleared since its claim leaves as DELETED.
         # A message has a token only while it is SENDING (every way out sets it to NULL), so the
-        # token alone says the claim still holds; naming the state too would steer PostgreSQL to
-        # the lease index, whose entries of settled messages it must step over until a vacuum.
+        # token alone says the claim still holds.
+        if self.pg:
+            # Each claim is looked up on its own through the unique id index, and the row is then
+            # updated by its physical address: a plan that stays the same whatever the planner
+            # believes about the table's size (right after a bulk enqueue, before autovacuum has
+            # analyzed it, it would otherwise hash-join a full scan). The conditions are repeated
+            # on the updated row, so that a concurrent change is re-checked.
+            given += (
+                f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL (SELECT ctid AS tid, "
+                f"queue_id FROM {m} WHERE id = i.mid AND token = i.tok LIMIT 1) x)"
+            )
+            source, match = "t", f"{m}.ctid = t.tid AND {m}.id = t.mid"
+            queue_ids = "SELECT queue_id FROM t"
+        else:
+            source, match = "i", f"{m}.id = i.mid"
+            queue_ids = f"SELECT queue_id FROM {m} WHERE id IN (SELECT mid FROM i)"
+        x = source
         update = (
             f"UPDATE {m} SET "
-            f"state = CASE WHEN {m}.epoch <> lq.epoch THEN i.dc "
-            f"WHEN {m}.claimed_from = {NEW} THEN i.dn ELSE i.dr END, "
-            f"due = CASE WHEN {m}.epoch = lq.epoch AND i.nxt IS NOT NULL THEN i.nxt ELSE {m}.due END, "
-            f"attempts = {m}.attempts - i.rel, last_error = COALESCE(i.err, {m}.last_error), "
+            f"state = CASE WHEN {m}.epoch <> lq.epoch THEN {x}.dc "
+            f"WHEN {m}.claimed_from = {NEW} THEN {x}.dn ELSE {x}.dr END, "
+            f"due = CASE WHEN {m}.epoch = lq.epoch AND {x}.nxt IS NOT NULL THEN {x}.nxt ELSE {m}.due END, "
+            f"attempts = {m}.attempts - {x}.rel, last_error = COALESCE({x}.err, {m}.last_error), "
             "token = NULL, expires_at = NULL, updated_at = :now "
-            f"FROM i, lq WHERE {m}.id = i.mid AND {m}.token = i.tok "
-            f"AND {m}.attempts = i.att AND {m}.created_at = i.crt AND lq.id = {m}.queue_id "
+            f"FROM {x}, lq WHERE {match} AND {m}.token = {x}.tok "
+            f"AND {m}.attempts = {x}.att AND {m}.created_at = {x}.crt AND lq.id = {m}.queue_id "
             f"RETURNING {m}.id, {m}.queue_id, {m}.state"
         )
-        head = (
-            f"WITH {given}, lq AS (SELECT id, epoch FROM {q} WHERE id IN "
-            f"(SELECT queue_id FROM {m} WHERE id IN (SELECT mid FROM i)) ORDER BY id{lock})"
-        )
+        head = f"WITH {given}, lq AS (SELECT id, epoch FROM {q} WHERE id IN ({queue_ids}) ORDER BY id{lock})"
         if not self.pg:
             return sa.text(f"{head} {update}")
         counted = ", ".join(

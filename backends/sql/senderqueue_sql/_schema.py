@@ -170,7 +170,8 @@ def _v3(conn: Connection, t: Tables) -> None:
     if "content" not in {column["name"] for column in sa.inspect(conn).get_columns(t.messages.name)}:
         return  # made by this code's version 1, which declares the contents table
     t.contents.create(conn, checkfirst=True)
-    conn.execute(sa.text(f"INSERT INTO {t.contents.name} (seq, content) SELECT seq, content FROM {t.messages.name}"))
+    copy = f"INSERT INTO {t.contents.name} (seq, content) SELECT seq, content FROM {t.messages.name}"
+    conn.execute(sa.text(copy))
     conn.execute(sa.text(f"ALTER TABLE {t.messages.name} DROP COLUMN content"))
 
 
