@@ -681,6 +681,20 @@ class SQLBackend:
         t = self._t
         q = t.queues
 
+        if self._pg:
+            # Two statements: the lock waits for claims and reports in flight; the second, with a
+            # snapshot taken after it, sees their counts and writes epoch, clear and deltas at once.
+            def work_pg(conn: Connection) -> int:
+                locked = {"mailing": mailing, "sender": sender}
+                ids = conn.execute(self._sql.lock_queues, locked).scalars().all()
+                if not ids:
+                    return 0
+                rows = conn.execute(self._sql.clear_pg, {"ids": list(ids), "now": at}).all()
+                self._note({row.queue_id for row in rows})
+                return sum(row.cleared for row in rows)
+
+            return self._run(work_pg)
+
         def work(conn: Connection) -> int:
             where = (
                 q.c.mailing == mailing
@@ -909,6 +923,25 @@ class _Statements:
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
+        self.lock_queues = sa.text(
+            f"SELECT id FROM {q} WHERE mailing = :mailing AND (:sender IS NULL OR sender = :sender) "
+            "ORDER BY id FOR UPDATE"
+        ).bindparams(sa.bindparam("sender", type_=sa.String))
+        # A queue with nothing queued or sending keeps its epoch: there is nothing to mark.
+        pending = ", ".join(f"CAST(sum({n}) AS bigint) AS {n}" for n in ("new", "retries", "sending"))
+        self.clear_pg = sa.text(
+            f"WITH qs AS (SELECT id, epoch FROM {q} WHERE id = ANY(CAST(:ids AS int[]))), "
+            "s AS (SELECT qs.id, qs.epoch, c.new + COALESCE(p.new, 0) AS new, "
+            "c.retries + COALESCE(p.retries, 0) AS retries, c.sending + COALESCE(p.sending, 0) AS sending "
+            f"FROM qs JOIN {c} c ON c.queue_id = qs.id LEFT JOIN (SELECT queue_id, {pending} FROM {d} "
+            "WHERE queue_id IN (SELECT id FROM qs) GROUP BY queue_id) p ON p.queue_id = qs.id), "
+            "hit AS (SELECT * FROM s WHERE new + retries + sending > 0), "
+            f"bump AS (UPDATE {q} SET epoch = {q}.epoch + 1 FROM hit WHERE {q}.id = hit.id), "
+            f"ended AS (INSERT INTO {cl} (queue_id, epoch, cleared_at) SELECT id, epoch, :now FROM hit), "
+            f"counted AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
+            "SELECT id, -new, -retries, 0, 0, 0, new + retries FROM hit) "
+            "SELECT id AS queue_id, new + retries AS cleared FROM hit"
+        )
         # SQLite: count first, then delete; PostgreSQL counts what it deleted in the same statement.
         terminal = f"state >= {DELIVERED} AND updated_at < :before"
         cleared = (
