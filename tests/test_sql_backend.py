@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from senderqueue_sql import SCHEMA_VERSION, SQLBackend
+from senderqueue_sql._backend import _Driver
 from senderqueue_sql._schema import tables
 
 import senderqueue as sq
@@ -312,19 +313,39 @@ class TestLostConnection:
         assert isinstance(backend, SQLBackend)
         armed = [True]
 
-        def after(conn: sa.Connection, cursor: Any, statement: str, *_: object) -> None:
+        def kill(connection: Any, statement: str) -> None:
             if armed[0] and marker in statement and f"sq_{backend.namespace}_" in statement:
                 armed[0] = False
-                pid = cursor.connection.info.backend_pid
+                pid = connection.info.backend_pid
                 with psycopg.connect(
                     str(backend.engine.url.set(drivername="postgresql")), autocommit=True
                 ) as k:
                     k.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
+        def after(conn: sa.Connection, cursor: Any, statement: str, *_: object) -> None:
+            kill(cursor.connection, statement)
+
+        # Claims and reports run on the driver, below SQLAlchemy's events.
+        rows = _Driver.rows
+
+        def driver_rows(self: _Driver, statement: sa.TextClause, params: dict[str, Any]) -> list[Any]:
+            if when == "before":
+                kill(self.raw, self.sql(statement))
+            result = rows(self, statement, params)
+            if when == "after":
+                kill(self.raw, self.sql(statement))
+            return result
+
         event = f"{when}_cursor_execute"
         # On every engine: the backend keeps a second pool, in autocommit, for one-statement work.
         sa.event.listen(sa.Engine, event, after)
-        return lambda: sa.event.remove(sa.Engine, event, after)
+        _Driver.rows = driver_rows  # type: ignore[method-assign]
+
+        def undo() -> None:
+            sa.event.remove(sa.Engine, event, after)
+            _Driver.rows = rows  # type: ignore[method-assign]
+
+        return undo
 
     def test_enqueue(self, queue: sq.SenderQueue) -> None:
         undo = self.kill_at(queue, "INSERT INTO sq_")

@@ -12,6 +12,7 @@ no claim or report half done and its counts are exact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import secrets
@@ -19,7 +20,7 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -116,6 +117,7 @@ def _destinations() -> dict[tuple[Trigger, bool], tuple[int, int, int]]:
 
 
 _DESTINATIONS = _destinations()
+_SOFT_BOUNCE, _EXPIRE, _RELEASE = Trigger.SOFT_BOUNCE, Trigger.EXPIRE, Trigger.RELEASE
 
 
 class _Leave:
@@ -134,19 +136,24 @@ class _Leave:
         self.error = error
         self.next_at: int | None = None
 
-    def row(self, now: datetime, retry: RetryPolicy) -> tuple[Any, ...]:
+    def row(self, now: datetime, retry: RetryPolicy, micros: dict[datetime, int]) -> tuple[Any, ...]:
+        """The statement's row for this claim; ``micros`` caches times already converted."""
+        trigger = self.trigger
         exhausted = False
-        if self.trigger is Trigger.SOFT_BOUNCE or self.trigger is Trigger.EXPIRE:
+        if trigger is _SOFT_BOUNCE or trigger is _EXPIRE:
             next_at = retry.next_attempt(self.attempts, self.created_at, now, self.id)
             exhausted = next_at is None
             self.next_at = None if next_at is None else _us(next_at)
-        dn, dr, dc = _DESTINATIONS[self.trigger, exhausted]
-        released = 1 if self.trigger is Trigger.RELEASE else 0
+        dn, dr, dc = _DESTINATIONS[trigger, exhausted]
+        created_at = micros.get(self.created_at)
+        if created_at is None:
+            created_at = micros[self.created_at] = _us(self.created_at)
+        released = 1 if trigger is _RELEASE else 0
         return (
             self.id,
             self.token,
             self.attempts,
-            _us(self.created_at),
+            created_at,
             dn,
             dr,
             dc,
@@ -189,6 +196,7 @@ class SQLBackend:
         self.engine = engine
         self.namespace = namespace
         self._pg = engine.dialect.name == "postgresql"
+        self._errors: type[Exception] = engine.dialect.loaded_dbapi.Error
         # Every read, and on PostgreSQL every one-statement change, runs in autocommit: that
         # saves the BEGIN and COMMIT round trips.
         if engine.dialect.name == "postgresql":
@@ -196,7 +204,7 @@ class SQLBackend:
         else:
             self._reader = self._autocommit = engine.execution_options(**{_engines.READ: True})
         self._t = tables(namespace)
-        self._sql = _Statements(self._t, self._pg)
+        self._sql = _Statements(self._t, engine.dialect)
         self._shared = False
         self._closed = False
         self._lock = threading.Lock()
@@ -236,18 +244,61 @@ class SQLBackend:
         ``single``: the work is one statement, a transaction of its own; on PostgreSQL it runs
         in autocommit, which saves the BEGIN and COMMIT round trips.
         """
+        return self._attempt(lambda: self._once(work, read, single), duplicates=duplicates, read=read)
+
+    def _hot(self, work: Callable[[_Driver], T], *, single: bool = False) -> T:
+        """Run ``work`` on the driver's own connection in one transaction (claims and reports).
+
+        The transaction is begun and ended on the driver as well; errors as in :meth:`_run`.
+        """
+        return self._attempt(lambda: self._once_hot(work, single), duplicates=False, read=False)
+
+    def _once(self, work: Callable[[Connection], T], read: bool, single: bool) -> T:
         lock = None if read else self._writer
+        if read or (single and self._pg):
+            with (self._reader if read else self._autocommit).connect() as conn:
+                return work(conn)
+        if lock is None:
+            with self.engine.begin() as conn:
+                return work(conn)
+        with lock, self.engine.begin() as conn:
+            return work(conn)
+
+    def _once_hot(self, work: Callable[[_Driver], T], single: bool) -> T:
+        if self._pg and not single:
+            return self._once(lambda conn: work(self._driver(conn)), False, False)
+        engine = self._autocommit if self._pg else self.engine
+        with self._writer or contextlib.nullcontext(), engine.connect() as conn:
+            driver = self._driver(conn)
+            try:
+                if self._pg:
+                    return work(driver)  # one statement in autocommit
+                driver.raw.execute("BEGIN IMMEDIATE")
+                result = work(driver)
+                driver.raw.execute("COMMIT")
+                return result
+            except self._errors as error:
+                if self.engine.dialect.is_disconnect(cast(Any, error), driver.raw, None):
+                    conn.invalidate()  # never back into the pool
+                elif not self._pg and driver.raw.in_transaction:
+                    driver.raw.execute("ROLLBACK")
+                raise
+            except BaseException:
+                if not self._pg and driver.raw.in_transaction:
+                    driver.raw.execute("ROLLBACK")
+                raise
+
+    def _driver(self, conn: Connection) -> _Driver:
+        return _Driver(conn.connection.driver_connection, self._sql.driver_sql)
+
+    def _attempt(self, once: Callable[[], T], *, duplicates: bool, read: bool) -> T:
         for attempt in range(8):
             try:
-                if read or (single and self._pg):
-                    with (self._reader if read else self._autocommit).connect() as conn:
-                        result = work(conn)
-                elif lock is None:
-                    with self.engine.begin() as conn:
-                        result = work(conn)
-                else:
-                    with lock, self.engine.begin() as conn:
-                        result = work(conn)
+                result = once()
+            except self._errors as error:  # from the hot path, which bypasses SQLAlchemy
+                if getattr(error, "sqlstate", None) in _RETRYABLE and attempt < 7:
+                    continue
+                raise BackendError(f"the database failed: {error}") from error
             except exc.IntegrityError:
                 if duplicates:
                     raise
@@ -301,7 +352,7 @@ class SQLBackend:
         query = sa.select(meta.c.value).where(meta.c.key == "schema_version")
         return int(self._run(lambda conn: conn.execute(query).scalar_one(), read=True))
 
-    def _count(self, conn: Connection, changes: dict[int, Counter[str]]) -> None:
+    def _count(self, db: _Driver, changes: dict[int, Counter[str]]) -> None:
         """Add ``changes`` to the sender queues' counts, in the caller's transaction."""
         rows = [
             {"queue_id": queue_id, **{name: change[name] for name in COUNTS}}
@@ -312,11 +363,11 @@ class SQLBackend:
             return
         if self._pg:
             # Appended, not updated: concurrent workers never queue behind one hot counter row.
-            conn.execute(self._t.deltas.insert(), rows)
+            db.many(self._sql.add_deltas, rows)
             self._note(row["queue_id"] for row in rows)
         else:
             # SQLite has one writer at a time anyway; the base row is the cheapest place.
-            conn.execute(self._sql.add_counts, rows)
+            db.many(self._sql.add_counts, rows)
 
     def _note(self, queue_ids: Iterable[int]) -> None:
         """Remember that these sender queues got one row of deltas each (PostgreSQL)."""
@@ -426,7 +477,7 @@ class SQLBackend:
                 self._t.contents.insert(),
                 [{"seq": seq, "content": new.content} for seq, new in zip(seqs, messages, strict=True)],
             )
-            self._count(conn, added)
+            self._count(self._driver(conn), added)
             return [str(i) for i in ids]
 
         try:
@@ -446,73 +497,66 @@ class SQLBackend:
 
         params["batch"] = secrets.randbits(62)  # token = batch + seq: fresh for every claim
         if not self._pg:
-            return self._run(
-                lambda conn: self._claims(conn, self._claim_sqlite(conn, params, now, retry), at)
-            )
+            return self._hot(lambda db: self._claims(db, self._claim_sqlite(db, params, now, retry), at))
         # One statement claims, counts, and says whether the sender has expired leases. Settling
         # them after the claim changes nothing it could take: an expired lease's message is due
         # again only after a backoff, later than now.
-        result = self._run(lambda conn: conn.execute(self._sql.claim_pg, params).all(), single=True)
+        result = self._hot(lambda db: db.rows(self._sql.claim_pg, params), single=True)
         rows = [row[:13] for row in result if row[0] is not None]  # the claimed, with their content
         self._note({row[2] for row in rows})
         if {row[2] for row in rows} - self._names.keys():
-            self._run(lambda conn: self._learn_names(conn, rows), read=True)
+            self._run(lambda conn: self._learn_names(self._driver(conn), rows), read=True)
         claims = self._claims(None, rows, at)
         if result and result[0][-1]:
 
-            def expire(conn: Connection) -> None:
-                expired = conn.execute(self._sql.expired_of_sender, params).all()
-                self._settle(conn, [self._expiry(row) for row in expired], now, retry)
+            def expire(db: _Driver) -> None:
+                expired = db.rows(self._sql.expired_of_sender, params)
+                self._settle(db, [self._expiry(row) for row in expired], now, retry)
 
-            self._run(expire)
+            self._hot(expire)
         return claims
 
     def _claim_sqlite(
-        self, conn: Connection, params: dict[str, Any], now: datetime, retry: RetryPolicy
+        self, db: _Driver, params: dict[str, Any], now: datetime, retry: RetryPolicy
     ) -> list[Any]:
-        # One look at the sender's queues says which are ready and whether any lease ran out.
-        queues = conn.execute(self._sql.sender_queues, params).all()
-        if any(row.expiry is not None and row.expiry <= params["now"] for row in queues):
-            expired = conn.execute(self._sql.expired_of_sender, params).all()
-            self._settle(conn, [self._expiry(row) for row in expired], now, retry)
-        ready = [row for row in queues if not row.frozen]
+        # One look at the sender's queues (id, epoch, frozen, first lease expiry) says which are
+        # ready and whether any lease ran out.
+        queues = db.rows(self._sql.sender_queues, params)
+        if any(expiry is not None and expiry <= params["now"] for _, _, _, expiry in queues):
+            expired = db.rows(self._sql.expired_of_sender, params)
+            self._settle(db, [self._expiry(row) for row in expired], now, retry)
+        ready = [(id, epoch) for id, epoch, frozen, _ in queues if not frozen]
         if not ready:
             return []
-        branches = {f"q{n}": row.id for n, row in enumerate(ready)}
-        branches |= {f"e{n}": row.epoch for n, row in enumerate(ready)}
-        rows = conn.execute(self._sql.claim_sqlite(len(ready)), params | branches).all()
+        branches = {f"q{n}": id for n, (id, _) in enumerate(ready)}
+        branches |= {f"e{n}": epoch for n, (_, epoch) in enumerate(ready)}
+        rows = db.rows(self._sql.claim_sqlite(len(ready)), params | branches)
         if not rows:
             return []
-        found = conn.execute(self._sql.contents, {"seqs": [row[0] for row in rows]})
-        contents: dict[int, bytes] = dict(found.all())
+        found = db.rows(self._sql.contents, {"seqs": json.dumps([row[0] for row in rows])})
+        contents: dict[int, bytes] = dict(found)
         return [(*row, contents[row[0]]) for row in rows]
 
-    def _learn_names(self, conn: Connection, rows: list[Any]) -> None:
+    def _learn_names(self, db: _Driver, rows: list[Any]) -> None:
         """Read the (mailing, sender) of the sender queues of ``rows`` this process has not seen."""
         unknown = {row[2] for row in rows} - self._names.keys()
         if unknown:  # a sender queue's names never change: each process reads them once
-            q = self._t.queues
-            query = sa.select(q.c.id, q.c.mailing, q.c.sender).where(q.c.id.in_(unknown))
-            self._names.update((r.id, (r.mailing, r.sender)) for r in conn.execute(query))
+            found = db.rows(self._sql.names, {"ids": json.dumps(sorted(unknown))})
+            self._names.update((id, (mailing, sender)) for id, mailing, sender in found)
 
-    def _claims(self, conn: Connection | None, rows: list[Any], now: int) -> list[Claim]:
-        """Claims of the claimed ``rows``; on SQLite (``conn`` given) also learn names and count."""
+    def _claims(self, db: _Driver | None, rows: list[Any], now: int) -> list[Claim]:
+        """Claims of the claimed ``rows``; on SQLite (``db`` given) also learn names and count."""
         if not rows:
             return []
-        if conn is not None:
-            self._learn_names(conn, rows)
+        if db is not None:
+            self._learn_names(db, rows)
         rows.sort(key=lambda row: (row[7], row[0]))  # (due, seq)
         names = self._names
         counts: dict[int, Counter[str]] = defaultdict(Counter)
         claims = []
         updated_at = _time(now)
         times: dict[int, datetime] = {}  # a batch shares few distinct times
-
-        def time_of(us: int) -> datetime:
-            moment = times.get(us)
-            if moment is None:
-                moment = times[us] = _time(us)
-            return moment
+        known = times.get
 
         taken: Counter[tuple[int, int]] = Counter()
         sending = State.SENDING
@@ -543,53 +587,56 @@ class SQLBackend:
                 state=sending,
                 frozen_from=None,
                 attempts=attempts,
-                next_attempt_at=time_of(due),
+                next_attempt_at=known(due) or times.setdefault(due, _time(due)),
                 last_error=error,
-                created_at=time_of(created_at),
+                created_at=known(created_at) or times.setdefault(created_at, _time(created_at)),
                 updated_at=updated_at,
             )
-            claims.append(Claim(message=message, token=str(token), expires_at=time_of(expires_at)))
+            expires = known(expires_at) or times.setdefault(expires_at, _time(expires_at))
+            claims.append(Claim(message=message, token=str(token), expires_at=expires))
         for (queue_id, claimed_from), n in taken.items():
             counts[queue_id][_COUNTER[claimed_from]] -= n
             counts[queue_id]["sending"] += n
-        if conn is not None:  # PostgreSQL counted in the claim statement itself
-            self._count(conn, counts)
+        if db is not None:  # PostgreSQL counted in the claim statement itself
+            self._count(db, counts)
         return claims
 
     @staticmethod
     def _expiry(row: Any) -> _Leave:
-        return _Leave(row.id, row.token, row.attempts, _time(row.created_at), Trigger.EXPIRE, "lease expired")
+        id, token, attempts, created_at = row
+        return _Leave(id, token, attempts, _time(created_at), Trigger.EXPIRE, "lease expired")
 
-    def _settle(
-        self, conn: Connection, leaves: Sequence[_Leave], now: datetime, retry: RetryPolicy
-    ) -> list[bool]:
+    def _settle(self, db: _Driver, leaves: Sequence[_Leave], now: datetime, retry: RetryPolicy) -> list[bool]:
         """Take each claim out of SENDING if it still holds; return which did, in order."""
         at = _us(now)
         # A message named twice is settled in order: its second report goes in a later statement.
-        rounds: list[list[int]] = []
-        seen: Counter[str] = Counter()
-        for index, leave in enumerate(leaves):
-            n = seen[leave.id]
-            seen[leave.id] += 1
-            if n == len(rounds):
-                rounds.append([])
-            rounds[n].append(index)
+        rounds: list[list[int]] = [list(range(len(leaves)))]
+        if len({leave.id for leave in leaves}) < len(leaves):
+            rounds = []
+            seen: Counter[str] = Counter()
+            for index, leave in enumerate(leaves):
+                n = seen[leave.id]
+                seen[leave.id] += 1
+                if n == len(rounds):
+                    rounds.append([])
+                rounds[n].append(index)
         done = [False] * len(leaves)
         for indexes in rounds:
             for start in range(0, len(indexes), _BATCH):
                 chunk = [leaves[i] for i in indexes[start : start + _BATCH]]
-                rows = [leave.row(now, retry) for leave in chunk]
+                micros: dict[datetime, int] = {}
+                rows = [leave.row(now, retry, micros) for leave in chunk]
                 statement, params = self._sql.settle(rows, at)
-                settled = conn.execute(statement, params).all()
+                settled = db.rows(statement, params)  # (id, queue_id, state)
                 if self._pg:
-                    self._note({row.queue_id for row in settled})
+                    self._note({queue_id for _, queue_id, _ in settled})
                 else:
                     counts: dict[int, Counter[str]] = defaultdict(Counter)
-                    for row in settled:
-                        counts[row.queue_id][_COUNTER[row.state]] += 1
-                        counts[row.queue_id]["sending"] -= 1
-                    self._count(conn, counts)
-                ids = {row.id for row in settled}
+                    for _, queue_id, state in settled:
+                        counts[queue_id][_COUNTER[state]] += 1
+                        counts[queue_id]["sending"] -= 1
+                    self._count(db, counts)
+                ids = {id for id, _, _ in settled}
                 for i in indexes[start : start + _BATCH]:
                     done[i] = leaves[i].id in ids
         return done
@@ -618,7 +665,7 @@ class SQLBackend:
                 )
             )
         single = len(leaves) <= _BATCH and len({leave.id for leave in leaves}) == len(leaves)
-        done = self._run(lambda conn: self._settle(conn, leaves, now, retry), single=single) if leaves else []
+        done = self._hot(lambda db: self._settle(db, leaves, now, retry), single=single) if leaves else []
         return [
             None if position is not None and done[position] else LeaseLost(s.claim.message.id)
             for s, position in zip(settlements, positions, strict=True)
@@ -638,11 +685,11 @@ class SQLBackend:
         return Claim(message=claim.message, token=claim.token, expires_at=expires_at)
 
     def expire_leases(self, now: datetime, retry: RetryPolicy) -> int:
-        def work(conn: Connection) -> int:
-            expired = conn.execute(self._sql.expired, {"now": _us(now)}).all()
-            return sum(self._settle(conn, [self._expiry(row) for row in expired], now, retry))
+        def work(db: _Driver) -> int:
+            expired = db.rows(self._sql.expired, {"now": _us(now)})
+            return sum(self._settle(db, [self._expiry(row) for row in expired], now, retry))
 
-        return self._run(work)
+        return self._hot(work)
 
     def _set_frozen(self, mailing: str, sender: str | None, frozen: bool, now: datetime) -> int:
         at = _us(now)
@@ -721,7 +768,7 @@ class SQLBackend:
             if ended:
                 conn.execute(q.update().where(q.c.id.in_(changes)).values(epoch=q.c.epoch + 1))
                 conn.execute(t.clears.insert(), ended)
-                self._count(conn, changes)
+                self._count(self._driver(conn), changes)
             return moved
 
         return self._run(work)
@@ -740,7 +787,7 @@ class SQLBackend:
             counts: dict[int, Counter[str]] = defaultdict(Counter)
             for queue_id, state, n in gone:
                 counts[queue_id][_COUNTER[state]] -= n
-            self._count(conn, counts)
+            self._count(self._driver(conn), counts)
             return sum(n for _, _, n in gone)
 
         return self._run(work)
@@ -827,6 +874,30 @@ _READY: set[tuple[str, str]] = set()
 """(database URL, namespace) pairs whose schema this process has checked."""
 
 
+class _Driver:
+    """The DB-API connection under a SQLAlchemy one, for the statements claims and reports run.
+
+    Those few fixed statements run many times a second; on the driver they skip SQLAlchemy's
+    work per execution (about 50 µs a statement and as much again per transaction, a third of
+    a claim and report of 100 messages on SQLite). Rows come back as plain tuples.
+    """
+
+    __slots__ = ("raw", "sql")
+
+    def __init__(self, raw: Any, sql: Callable[[sa.TextClause], str]) -> None:
+        self.raw = raw
+        self.sql = sql
+
+    def rows(self, statement: sa.TextClause, params: dict[str, Any]) -> list[Any]:
+        """Execute; the rows it returns, if any."""
+        cursor = self.raw.execute(self.sql(statement), params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    def many(self, statement: sa.TextClause, rows: list[dict[str, Any]]) -> None:
+        """Execute once per row of parameters."""
+        self.raw.cursor().executemany(self.sql(statement), rows)
+
+
 def from_url(url: str) -> SQLBackend:
     """Make a :class:`SQLBackend` from ``sqlite:///path`` or ``postgresql://…`` (``?namespace=NAME``)."""
     return SQLBackend.from_url(url)
@@ -835,11 +906,16 @@ def from_url(url: str) -> SQLBackend:
 class _Statements:
     """The namespace's hand-written statements, for the shapes Core alone would not give."""
 
-    def __init__(self, t: Tables, pg: bool) -> None:
-        self.pg = pg
+    def __init__(self, t: Tables, dialect: sa.Dialect) -> None:
+        self.dialect = dialect
+        self.pg = pg = dialect.name == "postgresql"
         m, q, c, d = t.messages.name, t.queues.name, t.counts.name, t.deltas.name
         cl, ct = t.clears.name, t.contents.name
         self.m, self.q, self.d = m, q, d
+        self.add_deltas = sa.text(
+            f"INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
+            f"VALUES (:queue_id, {', '.join(':' + name for name in COUNTS)})"
+        )
         self.add_counts = sa.text(
             f"UPDATE {c} SET "
             + ", ".join(f"{name} = {name} + :{name}" for name in COUNTS)
@@ -888,10 +964,14 @@ class _Statements:
             "seq, id, queue_id, recipient, mail_from, claimed_from, attempts, due, last_error, "
             "created_at, token, expires_at"
         )
-        # Content never changes: a claim reads it beside the rows it took.
-        self.contents = sa.text(f"SELECT seq, content FROM {ct} WHERE seq IN :seqs").bindparams(
-            sa.bindparam("seqs", expanding=True)
+        # Content never changes: a claim reads it beside the rows it took (SQLite).
+        self.contents = sa.text(
+            f"SELECT seq, content FROM {ct} WHERE seq IN (SELECT value FROM json_each(:seqs))"
         )
+        listed = "SELECT CAST(value AS int) FROM " + (
+            "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
+        )
+        self.names = sa.text(f"SELECT id, mailing, sender FROM {q} WHERE id IN ({listed})")
         self.claimed = (
             f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "
             f"token = :batch + {m}.seq, expires_at = :expires, updated_at = :now"
@@ -923,6 +1003,7 @@ class _Statements:
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
+        self._driver_sql: dict[sa.TextClause, str] = {}
         self.lock_queues = sa.text(
             f"SELECT id FROM {q} WHERE mailing = :mailing AND (:sender IS NULL OR sender = :sender) "
             "ORDER BY id FOR UPDATE"
@@ -965,6 +1046,15 @@ class _Statements:
         )
         self.purge_terminal = sa.text(f"DELETE FROM {m} WHERE {terminal}")
         self.purge_cleared = sa.text(f"DELETE FROM {m} WHERE {cleared}")
+
+    def driver_sql(self, statement: sa.TextClause) -> str:
+        """The statement as the driver takes it: ``:name`` on SQLite, ``%(name)s`` on PostgreSQL."""
+        if not self.pg:
+            return statement.text
+        sql = self._driver_sql.get(statement)
+        if sql is None:
+            sql = self._driver_sql[statement] = str(statement.compile(dialect=self.dialect))
+        return sql
 
     def claim_sqlite(self, queues: int) -> sa.TextClause:
         """The claim over ``queues`` sender queues: the oldest due of each, merged (SQLite)."""
