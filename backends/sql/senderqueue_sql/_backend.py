@@ -1099,13 +1099,10 @@ class _Statements:
                 for n, (name, t) in enumerate(zip(self._COLUMNS, self._TYPES, strict=True))
             )
             given = f"i AS (SELECT {fields} FROM json_array_elements(CAST(:rows AS json)))"
-            lock = " FOR SHARE"
         else:
             fields = ", ".join(f"value ->> {n} AS {name}" for n, name in enumerate(self._COLUMNS))
             given = f"i AS (SELECT {fields} FROM json_each(:rows))"
-            lock = ""
-        # The sender queues are share-locked first (in id order), so a clear or freeze is never
-        # half seen; a message whose queue was cleared since its claim leaves as DELETED.
+        # A message whose queue was cleared since its claim (its epoch is behind) leaves as DELETED.
         # A message has a token only while it is SENDING (every way out sets it to NULL), so the
         # token alone says the claim still holds.
         if self.pg:
@@ -1113,29 +1110,31 @@ class _Statements:
             # updated by its physical address: a plan that stays the same whatever the planner
             # believes about the table's size (right after a bulk enqueue, before autovacuum has
             # analyzed it, it would otherwise hash-join a full scan). The conditions are repeated
-            # on the updated row, so that a concurrent change is re-checked.
+            # on the updated row, so that a concurrent change is re-checked. The sender queues are
+            # share-locked (in id order), so that a clear or freeze is never half seen.
             given += (
                 f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL (SELECT ctid AS tid, "
-                f"queue_id FROM {m} WHERE id = i.mid AND token = i.tok LIMIT 1) x)"
+                f"queue_id FROM {m} WHERE id = i.mid AND token = i.tok LIMIT 1) x), "
+                f"lq AS (SELECT id, epoch FROM {q} WHERE id IN (SELECT queue_id FROM t) "
+                "ORDER BY id FOR SHARE)"
             )
-            source, match = "t", f"{m}.ctid = t.tid AND {m}.id = t.mid"
-            queue_ids = "SELECT queue_id FROM t"
+            x, epoch = "t", "lq.epoch"
+            joined = f"FROM t, lq WHERE {m}.ctid = t.tid AND {m}.id = t.mid AND lq.id = {m}.queue_id"
         else:
-            source, match = "i", f"{m}.id = i.mid"
-            queue_ids = f"SELECT queue_id FROM {m} WHERE id IN (SELECT mid FROM i)"
-        x = source
+            # SQLite holds the whole database for the writer: the epoch is simply read, row by row.
+            x, epoch = "i", f"(SELECT epoch FROM {q} WHERE id = {m}.queue_id)"
+            joined = f"FROM i WHERE {m}.id = i.mid"
         update = (
             f"UPDATE {m} SET "
-            f"state = CASE WHEN {m}.epoch <> lq.epoch THEN {x}.dc "
+            f"state = CASE WHEN {m}.epoch <> {epoch} THEN {x}.dc "
             f"WHEN {m}.claimed_from = {NEW} THEN {x}.dn ELSE {x}.dr END, "
-            f"due = CASE WHEN {m}.epoch = lq.epoch AND {x}.nxt IS NOT NULL THEN {x}.nxt ELSE {m}.due END, "
+            f"due = CASE WHEN {m}.epoch = {epoch} AND {x}.nxt IS NOT NULL THEN {x}.nxt ELSE {m}.due END, "
             f"attempts = {m}.attempts - {x}.rel, last_error = COALESCE({x}.err, {m}.last_error), "
-            "token = NULL, expires_at = NULL, updated_at = :now "
-            f"FROM {x}, lq WHERE {match} AND {m}.token = {x}.tok "
-            f"AND {m}.attempts = {x}.att AND {m}.created_at = {x}.crt AND lq.id = {m}.queue_id "
+            f"token = NULL, expires_at = NULL, updated_at = :now {joined} AND {m}.token = {x}.tok "
+            f"AND {m}.attempts = {x}.att AND {m}.created_at = {x}.crt "
             f"RETURNING {m}.id, {m}.queue_id, {m}.state"
         )
-        head = f"WITH {given}, lq AS (SELECT id, epoch FROM {q} WHERE id IN ({queue_ids}) ORDER BY id{lock})"
+        head = f"WITH {given}"
         if not self.pg:
             return sa.text(f"{head} {update}")
         counted = ", ".join(
