@@ -1,8 +1,9 @@
-"""``SMTPTransport``: real SMTP to a smart host, on asyncio streams.
+"""``SMTPTransport``: real SMTP to a smart host, on an asyncio protocol.
 
-It is written on :mod:`asyncio` streams rather than aiosmtplib or smtplib:
-aiosmtplib has no PIPELINING and rewrites the message's line endings, smtplib
-blocks a thread per connection; both were measured (``benchmarks/smtp.py``).
+It is written on an :class:`asyncio.BufferedProtocol` rather than aiosmtplib or
+smtplib: aiosmtplib has no PIPELINING and rewrites the message's line endings,
+smtplib blocks a thread per connection; both were measured (``benchmarks/smtp.py``).
+Nor on asyncio's streams, which cost more CPU a message (see :class:`_Connection`).
 Every failure to talk to the server becomes an outcome from the one
 :class:`~senderqueue.Classifier` table, never an exception.
 """
@@ -15,10 +16,8 @@ import contextlib
 import re
 import socket
 import ssl
-from collections.abc import Iterator
-from typing import Final
-
-import attrs
+from collections import deque
+from typing import Final, NamedTuple, cast
 
 from ._models import Message
 from ._outcomes import Classifier, Outcome
@@ -33,7 +32,11 @@ _SECURITY: Final = "4.7.0"  # STARTTLS or AUTH could not be done
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOT_AFTER_LINE_ENDING = re.compile(rb"\n\.")
 _MAX_REPLY_LINES: Final = 100
+_MAX_LINE: Final = 8192  # RFC 5321 allows 512 octets a reply line; this is to bound a hostile one
+_READ_SIZE: Final = 4096  # replies are short; a longer one takes two reads
 
 
 class _SessionError(Exception):
@@ -49,8 +52,7 @@ class _Stale(Exception):
     """A reused connection was found dead before any of the message was accepted."""
 
 
-@attrs.frozen
-class _Reply:
+class _Reply(NamedTuple):
     code: int
     text: str
 
@@ -58,47 +60,155 @@ class _Reply:
         return f"{self.code} {self.text}".strip()
 
 
-class _Connection:
-    """One SMTP session: reads replies and writes commands, each under a timeout."""
+class _Connection(asyncio.BufferedProtocol):
+    """One SMTP session, as an asyncio protocol that parses replies as they arrive.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
-        self.reader = reader
-        self.writer = writer
+    A sender waits for the replies to a whole pipelined group at once and is woken
+    once, when the last has come. Received bytes go into one buffer of the
+    connection's own rather than a new one per read (asyncio's streams allocate
+    256 KiB for each ``recv``, which glibc serves by ``mmap``: three system calls a
+    read, more than the reading itself). A timeout is one timer handle per wait.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
         self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
         self.extensions: dict[str, str] = {}
-        self.loop = asyncio.get_running_loop()
         self.usable = True
+        self.dirty = False  # a transaction did not end cleanly: RSET before the next one
+        self.received = 0  # replies parsed so far
+        self._buffer = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buffer)
+        self._partial = b""  # the start of a line whose end has not come yet
+        self._lines: list[str] = []  # the lines so far of a multiline reply
+        self._replies: deque[_Reply] = deque()
+        self._error: Exception | None = None  # why no more replies will come
+        self._wanted = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] = loop.create_future()
 
-    async def reply(self) -> _Reply:
-        async with asyncio.timeout(self.timeout):
-            return await self._reply()
+    # -- asyncio.BufferedProtocol -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view  # a view, not the bytearray: asyncio's TLS layer fills slices of it
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._error is not None:
+            return  # nothing more is read from a failed session: not even kept, so nothing grows
+        data = self._view[:nbytes].tobytes()
+        if self._partial:
+            data = self._partial + data
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._line(data[start : end + 1])
+            start = end + 1
+        self._partial = data[start:]
+        if len(self._partial) > _MAX_LINE:
+            self._partial = b""
+            self._fail(_SessionError("the server sent a line too long"))
+        elif len(self._replies) > _MAX_REPLY_LINES:  # none awaited (an idle connection): a flood
+            self._fail(_SessionError("the server sent replies to nothing"))
+        if len(self._replies) >= self._wanted:
+            _wake(self._waiter)
+
+    def eof_received(self) -> bool:
+        return False  # close: an SMTP server that stops sending is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or _SessionError("the server closed the connection"))
+        _wake(self._drained)
+        _wake(self._lost)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        _wake(self._drained)
+
+    def _line(self, line: bytes) -> None:
+        if self._error is not None:
+            return
+        if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n":
+            self._fail(_SessionError(f"the server sent a malformed reply: {line[:80]!r}"))
+            return
+        self._lines.append(line[4:].decode("utf-8", "replace").strip())
+        if line[3:4] == b"-":
+            if len(self._lines) >= _MAX_REPLY_LINES:
+                self._fail(_SessionError("the server sent a reply of too many lines"))
+            return
+        reply = _Reply(int(line[:3]), "\n".join(self._lines))
+        self._lines = []
+        if reply.code == 421:  # the server is closing this session
+            self.usable = False
+        self._replies.append(reply)
+        self.received += 1
+
+    def _fail(self, error: Exception) -> None:
+        self.usable = False
+        if self._error is None:
+            self._error = error
+        _wake(self._waiter)
+
+    # -- what a sender calls --------------------------------------------------------
+
+    @property
+    def reusable(self) -> bool:
+        """Nothing unasked for has come, and the session is open, on the running loop."""
+        return (
+            self.usable
+            and not self._replies
+            and not self._partial
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
     async def replies(self, count: int) -> list[_Reply]:
-        """Read the replies to ``count`` pipelined commands, under one timeout: they come together."""
-        async with asyncio.timeout(self.timeout):
-            return [await self._reply() for _ in range(count)]
+        """The next ``count`` replies (to pipelined commands), waiting at most ``timeout`` for them all."""
+        if len(self._replies) < count and self._error is None:
+            self._wanted = count
+            waiter = self._waiter = self.loop.create_future()
+            timer = self.loop.call_later(self.timeout, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+                self._wanted = 0
+        if len(self._replies) < count:
+            assert self._error is not None
+            raise self._error
+        replies = self._replies
+        return [replies.popleft() for _ in range(count)]
 
-    async def _reply(self) -> _Reply:
-        lines: list[str] = []
-        for _ in range(_MAX_REPLY_LINES):
-            line = await self.reader.readline()
-            if not line.endswith(b"\n"):
-                raise _SessionError("the server closed the connection")
-            if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
-                raise _SessionError(f"the server sent a malformed reply: {line[:80]!r}")
-            lines.append(line[4:].decode("utf-8", "replace").strip())
-            if line[3:4] != b"-":
-                reply = _Reply(int(line[:3]), "\n".join(lines))
-                if reply.code == 421:  # the server is closing this session
-                    self.usable = False
-                return reply
-        raise _SessionError("the server sent a reply of too many lines")
+    async def reply(self) -> _Reply:
+        (reply,) = await self.replies(1)
+        return reply
 
     async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size():  # only a full socket buffer makes drain wait
-            async with asyncio.timeout(self.timeout):
-                await self.writer.drain()
+        """Send ``data``; wait (at most ``timeout``) only when the transport's buffer is full.
+
+        A connection that is gone sends nothing: what the server said before it
+        went, or why it went, comes with the next reply awaited.
+        """
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        self.transport.write(data)
+        if self._paused:
+            waiter = self._drained = self.loop.create_future()
+            timer = self.loop.call_later(self.timeout, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._drained = None
 
     async def command(self, line: str) -> _Reply:
         await self.write(line.encode() + b"\r\n")
@@ -117,33 +227,66 @@ class _Connection:
             raise _SessionError(f"HELO refused: {reply}")
         self.extensions = {}
 
+    def unread(self) -> bool:
+        """Whether the server has sent anything not yet read."""
+        return bool(self._replies or self._partial or self._lines)
+
+    def pending(self) -> list[_Reply]:
+        """The replies that came but were not read (those of a group that failed before its end)."""
+        return list(self._replies)
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        assert self.transport is not None
+        transport = await self.loop.start_tls(
+            self.transport, self, context, server_hostname=server_hostname, ssl_handshake_timeout=timeout
+        )
+        self.transport = cast(asyncio.Transport, transport)
+
     def abort(self) -> None:
         self.usable = False
-        with contextlib.suppress(Exception):  # the loop may already be closed
-            self.writer.transport.abort()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):  # the loop may already be closed
+                self.transport.abort()
+
+    def close(self) -> None:
+        self.usable = False
+        if self.transport is not None:
+            self.transport.close()
 
     async def quit(self) -> None:
         self.usable = False
+        self.timeout = min(self.timeout, 1.0)
         with contextlib.suppress(Exception):  # a polite goodbye; the server may be gone already
-            async with asyncio.timeout(min(self.timeout, 1.0)):
-                await self.command("QUIT")
-        self.writer.close()
+            await self.command("QUIT")
+        self.close()
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(min(self.timeout, 1.0)):
-                await self.writer.wait_closed()
+            async with asyncio.timeout(self.timeout):
+                await asyncio.shield(self._lost)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _data(content: bytes) -> bytes:
     """The DATA payload: CRLF line endings, dot-stuffed, ending in ``CRLF.CRLF``."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        # SMTP has no bare CR or LF; a content that is already CRLF goes through byte for byte.
-        content = _BARE_LINE_ENDING.sub(b"\r\n", content)
+    # As many CRs as LFs, each CR followed by an LF: every line ends in CRLF, and the content
+    # goes through byte for byte (three scans, each faster than one count of b"\r\n").
+    if content.count(b"\r") != content.count(b"\n") or _BARE_CR.search(content):
+        content = _BARE_LINE_ENDING.sub(b"\r\n", content)  # SMTP has no bare CR or LF
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
     if content.startswith(b"."):
         content = b"." + content
-    return content.replace(b"\n.", b"\n..") + b".\r\n"
+    if _DOT_AFTER_LINE_ENDING.search(content):  # rare; a regex finds it faster than replace looks
+        content = content.replace(b"\n.", b"\n..")
+    return content + b".\r\n"
 
 
 def _header_section(content: bytes) -> bytes:
@@ -157,12 +300,14 @@ class SMTPTransport:
     """Relays messages to one SMTP server (a smart host), reusing its connections.
 
     Each concurrent send uses a connection of its own; an idle one is reused for
-    the next message, after an ``RSET``, and reopened if the server dropped it
-    meanwhile. Commands are pipelined when the server offers PIPELINING; the body
-    is sent byte for byte (dot-stuffed), with ``BODY=8BITMIME`` and ``SMTPUTF8``
-    when the server offers them and the message needs them. Connections belong to
-    the event loop that opened them: await :meth:`aclose` before that loop ends
-    (a :class:`SenderWorker` does at the end of each run).
+    the next message (after an ``RSET`` only when the last transaction did not
+    end), and the message is sent again on a new connection if the server had
+    dropped the kept one before accepting any of it. Commands are pipelined when
+    the server offers PIPELINING; the body is sent byte for byte (dot-stuffed),
+    with ``BODY=8BITMIME`` and ``SMTPUTF8`` when the server offers them and the
+    message needs them. Connections belong to the event loop that opened them:
+    await :meth:`aclose` before that loop ends (a :class:`SenderWorker` does at
+    the end of each run).
 
     Every reply is classified by ``classifier``; a failure of the connection (refused,
     dropped, timed out, STARTTLS or AUTH failing) is a 421 with an RFC 3463 code of
@@ -271,24 +416,24 @@ class SMTPTransport:
         loop = asyncio.get_running_loop()
         while self._idle and not fresh:
             connection = self._idle.pop()
-            if connection.loop is loop and connection.usable and not connection.reader.at_eof():
+            if connection.loop is loop and connection.reusable:
                 return connection, True
-            connection.abort()  # opened under another event loop (an earlier asyncio.run) or closed
-        return await self._open(), False
+            connection.abort()  # opened under another event loop (an earlier asyncio.run), or closed
+        return await self._open(loop), False
 
     def _put_back(self, connection: _Connection) -> None:
         if connection.usable:
             self._idle.append(connection)
         else:
-            connection.writer.close()
+            connection.close()
 
-    async def _open(self) -> _Connection:
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            _, connection = await loop.create_connection(
+                lambda: _Connection(loop, self.connect_timeout), self.host, self.port
+            )
         self.connections_opened += 1
-        connection = _Connection(reader, writer, self.timeout)
         try:
-            connection.timeout = self.connect_timeout
             greeting = await connection.reply()
             connection.timeout = self.timeout
             if greeting.code != 220:
@@ -309,10 +454,11 @@ class SMTPTransport:
         reply = await connection.command("STARTTLS")
         if reply.code != 220:
             raise _SessionError(f"STARTTLS refused: {reply}", _SECURITY)
+        if connection.unread():
+            # Said in clear after the 220, it would be read as if it came under TLS (CVE-2011-0411).
+            raise _SessionError("the server sent more than its reply to STARTTLS", _SECURITY)
         try:
-            await connection.writer.start_tls(
-                self._context(), server_hostname=self.tls_hostname, ssl_handshake_timeout=self.timeout
-            )
+            await connection.start_tls(self._context(), self.tls_hostname, self.timeout)
         except ssl.SSLError as error:
             raise _SessionError(f"TLS handshake failed: {error}", _SECURITY) from None
         await connection.ehlo(self.helo_name)  # RFC 3207: forget what was said before TLS
@@ -381,33 +527,57 @@ class SMTPTransport:
         if not isinstance(options, list):
             return options
         mail = " ".join([f"MAIL FROM:<{message.mail_from}>", *options])
-        commands = [*(["RSET"] if reused else []), mail, f"RCPT TO:<{message.recipient}>", "DATA"]
-        if "PIPELINING" in connection.extensions:
-            await connection.write("".join(f"{command}\r\n" for command in commands).encode())
-            replies = []
-            if reused:
-                with _stale_if_broken():
-                    replies.append(await connection.reply())
-            replies += await connection.replies(3)
-        else:
-            replies = []
-            for index, command in enumerate(commands):
-                if index == 0 and reused:
-                    with _stale_if_broken():
-                        replies.append(await connection.command(command))
-                else:
+        # After a transaction that ended, the server is ready for the next (RFC 5321 4.1.1.4);
+        # after one that did not (a refused RCPT leaves the MAIL in force), RSET first.
+        rset = connection.dirty
+        commands = [*(["RSET"] if rset else []), mail, f"RCPT TO:<{message.recipient}>", "DATA"]
+        connection.dirty = True
+        received = connection.received
+        try:
+            if "PIPELINING" in connection.extensions:
+                await connection.write("".join(f"{command}\r\n" for command in commands).encode())
+                replies = await connection.replies(len(commands))
+            else:
+                replies = []
+                for command in commands:
                     replies.append(await connection.command(command))
-                if replies[-1].code >= 400:
-                    break
-        if reused:
-            rset, *replies = replies
-            if rset.code != 250:
+                    if replies[-1].code >= 400:
+                        break
+        except (OSError, TimeoutError, _SessionError):
+            # A pipelined group's replies that came before the failure are still unread: a server
+            # may answer the first command with 421 and hang up at once, without the rest.
+            came = connection.pending()
+            connection.usable = False
+            first = came[0].code if came else None
+            if reused and (
+                connection.received == received  # a kept connection that died meanwhile
+                or first == 421  # the server closed the kept session (an idle timeout)
+                or (rset and first is not None and first != 250)
+            ):
+                raise _Stale from None  # nothing was accepted: send it again on a new connection
+            refusal = next((reply for reply in came if reply.code >= 400), None)
+            if refusal is not None:
+                return self._outcome(refusal)  # what the server said before it went
+            raise
+        if reused and replies[0].code == 421:
+            raise _Stale  # the server closed the kept session (an idle timeout): nothing was accepted
+        if rset:
+            if replies[0].code != 250:
                 raise _Stale
+            replies = replies[1:]
         failure = next((reply for reply in replies[:2] if reply.code >= 300), None)
         data_reply = replies[2] if len(replies) == 3 else None
+        if data_reply is not None and data_reply.code < 400 and data_reply.code != 354:
+            # Neither "go ahead" nor a refusal: not a word of the message went, whatever the code
+            # says (a 250 here is no delivery), and where the session stands is unknown.
+            connection.usable = False
+            if failure is None:
+                raise _SessionError(f"the server answered DATA with {data_reply}")
         if failure is None and data_reply is not None and data_reply.code == 354:
             await connection.write(data)
-            return self._outcome(await connection.reply())
+            final = await connection.reply()
+            connection.dirty = False
+            return self._outcome(final)
         if data_reply is not None and data_reply.code == 354:
             # A pipelining server that let DATA through after a refusal: end it empty (RFC 2920 3.1).
             await connection.write(b".\r\n")
@@ -423,14 +593,6 @@ class SMTPTransport:
             lines = [line.removeprefix(enhanced).strip() for line in lines]
         # A 3xx where a final reply was due is soft by the table, like any other code.
         return self.classifier.classify(reply.code, enhanced, " ".join(line for line in lines if line))
-
-
-@contextlib.contextmanager
-def _stale_if_broken() -> Iterator[None]:
-    try:
-        yield None
-    except (OSError, TimeoutError, _SessionError) as error:
-        raise _Stale from error
 
 
 def _describe(error: BaseException, doing: str) -> str:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -55,6 +55,11 @@ class DomainLimit:
 
 
 _NO_LIMIT: Final = DomainLimit()
+# Finished sends are reported (and their slots refilled) in waves of about a tenth of the
+# concurrency, so that a claim and a report serve several messages, not one each; a send
+# waits at most _LINGER seconds for the rest of its wave.
+_WAVE: Final = 10
+_LINGER: Final = 0.002
 
 
 @attrs.frozen(kw_only=True)
@@ -100,16 +105,27 @@ class _Destination:
 
 
 _COUNTS: Final = ("delivered", "soft_bounced", "hard_bounced", "lost", "released")
-_Sends = dict["asyncio.Task[tuple[Claim, Outcome]]", Claim]
+_Sends = dict["asyncio.Task[Outcome]", Claim]
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     """Wait until ``event`` is set or ``timeout`` seconds pass; clear it for the next wait."""
     if not event.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await event.wait()
+        # A timer that sets the event: cheaper than asyncio.timeout, which this loop pays once a wake.
+        timer = asyncio.get_running_loop().call_later(min(timeout, 86400.0), event.set)
+        try:
+            await event.wait()
+        finally:
+            timer.cancel()
     event.clear()
+
+
+def _outcome_of(task: asyncio.Task[Outcome]) -> Outcome:
+    # _send returns an outcome for anything an Exception; a send cancelled from within the
+    # transport (CancelledError is not one) may have been delivered: the attempt counts.
+    if task.cancelled():
+        return SoftBounce(code=451, enhanced="4.3.0", text="transport error: the send was cancelled")
+    return task.result()
 
 
 def _domain(claim: Claim) -> str:
@@ -120,10 +136,11 @@ class SenderWorker:
     """Delivers one sender's messages: claims, sends with bounded concurrency, reports.
 
     It claims no more than it is about to send, so at most ``concurrency`` messages
-    are ``SENDING``; it reports each wave of finished sends in one ``report_many``,
-    renews a lease once half of it has run, and on :meth:`stop` (or SIGTERM/SIGINT
-    under :meth:`run`) claims nothing more, lets in-flight sends finish and report,
-    and releases what it claimed but had not started.
+    are ``SENDING``; it reports finished sends in waves (one ``report_many``, then one
+    claim to refill their slots, for a tenth of the concurrency or for whatever finished
+    within 2 ms), renews a lease once half of it has run, and on :meth:`stop` (or
+    SIGTERM/SIGINT under :meth:`run`) claims nothing more, lets in-flight sends finish
+    and report, and releases what it claimed but had not started.
 
     Per-destination limits hold a claimed message back until its recipient's domain
     has a free slot; held messages count against ``concurrency``, so a flood to one
@@ -173,6 +190,11 @@ class SenderWorker:
         self._started = time.monotonic()
         self._claimed = 0
         self._woken = asyncio.Event()
+        self._sent: list[asyncio.Task[Outcome]] = []  # finished sends, not yet reported
+        self._wave = max(1, self.concurrency // _WAVE)
+        self._linger: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop  # the loop of the current run
+        self._renew_due: datetime | None = None  # the queue's time when the next lease needs renewing
 
     def run_until_idle(self) -> WorkerSummary:
         """Send until nothing of this sender is due and nothing is in flight; return a summary."""
@@ -214,6 +236,9 @@ class SenderWorker:
         woken = self._woken = asyncio.Event()
         self._wake = lambda: _discard(loop.call_soon_threadsafe(woken.set))
         self._counts = dict.fromkeys(_COUNTS, 0)
+        self._sent = []
+        self._renew_due = None
+        self._loop = loop
         self._started = started = time.monotonic()
         handled = self._install_signals(loop) if not until_idle else []
         in_flight: _Sends = {}
@@ -223,7 +248,12 @@ class SenderWorker:
             while not self._stopping.is_set():
                 free = self.concurrency - len(in_flight) - len(held)
                 if free:
-                    held += await self._queue_call(self.queue.claim, self.sender, free, self.lease)
+                    claims = await self._queue_call(self.queue.claim, self.sender, free, self.lease)
+                    if claims:
+                        self._due_by(claims)
+                        held += claims
+                    if self._stopping.is_set():
+                        break  # stopped during the claim: what it brought is released below, not sent
                 held, wait_for_slot = self._start(held, in_flight, destinations)
                 self._claimed = len(in_flight) + len(held)
                 if not in_flight and not held:
@@ -264,6 +294,10 @@ class SenderWorker:
         self, held: list[Claim], in_flight: _Sends, destinations: dict[str, _Destination]
     ) -> tuple[list[Claim], float]:
         """Start every held claim its domain allows now; return the rest and the seconds to the next slot."""
+        if not self.domain_limits and self.domain_limit is _NO_LIMIT:
+            for claim in held:
+                self._spawn(claim, in_flight)
+            return [], float("inf")
         still_held: list[Claim] = []
         wait = float("inf")
         now = time.monotonic()
@@ -282,33 +316,49 @@ class SenderWorker:
                         continue
                     destination.next_start = max(now, destination.next_start) + 1 / limit.rate
                 destination.in_flight += 1
-            task = asyncio.create_task(self._send(claim))
-            task.add_done_callback(self._on_sent)
-            in_flight[task] = claim
+            self._spawn(claim, in_flight)
         return still_held, wait
 
-    def _on_sent(self, _: object) -> None:
-        self._woken.set()
+    def _spawn(self, claim: Claim, in_flight: _Sends) -> None:
+        task = asyncio.create_task(self._send(claim))
+        task.add_done_callback(self._on_sent)
+        in_flight[task] = claim
 
-    async def _send(self, claim: Claim) -> tuple[Claim, Outcome]:
+    def _on_sent(self, task: asyncio.Task[Outcome]) -> None:
+        sent = self._sent
+        sent.append(task)
+        if len(sent) >= self._wave:
+            self._woken.set()
+        elif len(sent) == 1:
+            self._linger = self._loop.call_later(_LINGER, self._woken.set)
+
+    async def _send(self, claim: Claim) -> Outcome:
         try:
-            outcome = await self.transport.send(claim.message)
+            outcome: object = await self.transport.send(claim.message)  # typed, but a user's transport
         except Exception as error:  # noqa: BLE001 - an attempt must end in a report, whatever broke
-            outcome = SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: {error!r}")
-        return claim, outcome
+            return SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: {error!r}")
+        if isinstance(outcome, Delivered | SoftBounce | HardBounce):
+            return outcome
+        # report_many would refuse it, and with it every report of its wave.
+        return SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: not an outcome: {outcome!r}")
 
     async def _finish(self, in_flight: _Sends, destinations: dict[str, _Destination]) -> None:
         """Report every finished send in one round trip, and free its domain's slot."""
-        done = [task for task in in_flight if task.done()]
-        now = time.monotonic()
-        for task in done:
-            domain = _domain(in_flight.pop(task))
-            destination = destinations.get(domain)
-            if destination is not None:
-                destination.in_flight -= 1
-                if destination.in_flight == 0 and destination.next_start <= now:
-                    del destinations[domain]  # forget idle domains: their number is unbounded
-        await self._report([task.result() for task in done])
+        done, self._sent = self._sent, []
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        reports = [(in_flight.pop(task), _outcome_of(task)) for task in done]  # the claim as last renewed
+        if destinations:
+            now = time.monotonic()
+            for claim, _ in reports:
+                domain = _domain(claim)
+                destination = destinations.get(domain)
+                if destination is not None:
+                    destination.in_flight -= 1
+                    if destination.in_flight == 0 and destination.next_start <= now:
+                        del destinations[domain]  # forget idle domains: their number is unbounded
+        await self._report(reports)
 
     async def _report(self, reports: list[tuple[Claim, Outcome]]) -> None:
         if not reports:
@@ -336,14 +386,23 @@ class SenderWorker:
 
         await self._queue_call(release_all)
 
+    def _due_by(self, claims: list[Claim]) -> None:
+        """Note when the earliest of ``claims`` needs renewing."""
+        due = min(claim.expires_at for claim in claims) - self.lease / 2
+        if self._renew_due is None or due < self._renew_due:
+            self._renew_due = due
+
     async def _renew(self, in_flight: _Sends, held: list[Claim]) -> list[Claim]:
         now = self.queue.now()
+        if self._renew_due is None or now < self._renew_due:
+            return held  # no lease is half gone: no need to look at each claim
+        self._renew_due = None
         for task, claim in list(in_flight.items()):
             if claim.expires_at - now < self.lease / 2:
                 # A LeaseLost here means the lease was settled; the send's report will meet it too.
                 with contextlib.suppress(LeaseLost):
                     in_flight[task] = await self._queue_call(self.queue.renew, claim, self.lease)
-        renewed = []
+        renewed: list[Claim] = []
         for claim in held:
             if claim.expires_at - now < self.lease / 2:
                 try:
@@ -352,4 +411,7 @@ class SenderWorker:
                     self._counts["lost"] += 1  # settled meanwhile: no longer ours to send
                     continue
             renewed.append(claim)
+        for claims in (list(in_flight.values()), renewed):
+            if claims:
+                self._due_by(claims)
         return renewed

@@ -142,14 +142,30 @@ def test_an_envelope_that_could_inject_is_refused_before_sending(
     assert handler.received == []
 
 
-def test_connections_are_reused_with_rset_between(port: int, handler: RecordingHandler) -> None:
+def test_connections_are_reused_without_rset_after_a_finished_transaction(
+    port: int, handler: RecordingHandler
+) -> None:
     transport = sq.SMTPTransport("127.0.0.1", port, timeout=5)
     outcomes = send_all(transport, [message(f"u{i}@example.com") for i in range(5)])
     assert all(type(o) is sq.Delivered for o in outcomes)
     assert transport.connections_opened == 1
     assert handler.ehlos == 1
-    assert handler.rsets == 4
+    assert handler.rsets == 0  # the end of DATA ends the transaction (RFC 5321 4.1.1.4), as smtplib does
     assert [r.rcpt_tos for r in handler.received] == [(f"u{i}@example.com",) for i in range(5)]
+
+
+def test_a_transaction_that_did_not_finish_is_reset_before_the_next(
+    port: int, handler: RecordingHandler
+) -> None:
+    # A refused RCPT leaves the MAIL in force: without RSET the next MAIL would be "nested".
+    handler.rcpt_replies = {"gone@example.com": "550 5.1.1 No such user"}
+    transport = sq.SMTPTransport("127.0.0.1", port, timeout=5)
+    recipients = ["gone@example.com", "a@example.com", "b@example.com"]
+    gone, a, b = send_all(transport, [message(r) for r in recipients])
+    assert type(gone) is sq.HardBounce
+    assert (type(a), type(b)) == (sq.Delivered, sq.Delivered)
+    assert handler.rsets == 1
+    assert transport.connections_opened == 1
 
 
 def test_concurrent_sends_use_a_connection_each(port: int, handler: RecordingHandler) -> None:
@@ -167,16 +183,15 @@ def test_concurrent_sends_use_a_connection_each(port: int, handler: RecordingHan
     assert len(handler.received) == 5
 
 
-def test_a_connection_the_server_dropped_is_reopened(handler: RecordingHandler) -> None:
+def test_a_connection_that_was_closed_while_idle_is_not_reused(handler: RecordingHandler) -> None:
     transport = sq.SMTPTransport("127.0.0.1", free_port(), timeout=5)
     with smtp_server(handler) as port:
         transport.port = port
 
         async def run() -> list[sq.Outcome]:
             first = await transport.send(message("a@example.com"))
-            for connection in transport._idle:  # the server forgets the idle connection
-                connection.writer.transport.abort()
-            await asyncio.sleep(0.05)
+            for connection in transport._idle:
+                connection.abort()
             second = await transport.send(message("b@example.com"))
             await transport.aclose()
             return [first, second]
@@ -185,6 +200,198 @@ def test_a_connection_the_server_dropped_is_reopened(handler: RecordingHandler) 
     assert [type(o) for o in outcomes] == [sq.Delivered, sq.Delivered]
     assert transport.connections_opened == 2
     assert len(handler.received) == 2
+
+
+@pytest.mark.parametrize("goodbye", [b"", b"421 4.4.2 Idle too long, closing\r\n"], ids=["silent", "421"])
+def test_a_kept_connection_the_server_drops_at_the_next_message_is_replaced(goodbye: bytes) -> None:
+    """The server hangs up on the second message of a session: it is sent again on a new connection."""
+    sessions: list[list[bytes]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(lines := [])
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            if len(sessions) == 1 and [x[:4] for x in lines].count(b"MAIL") == 2:
+                writer.write(goodbye)
+                await writer.drain()
+                return  # the server closes the connection
+            if line.startswith(b"DATA"):
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 queued\r\n")
+                continue
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+            await writer.drain()
+
+    with raw_server(script) as port:
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=2)
+        outcomes = send_all(transport, [message("a@example.com"), message("b@example.com")])
+    assert outcomes == [sq.Delivered(code=250, enhanced="2.0.0", text="queued")] * 2
+    assert transport.connections_opened == 2
+    first, second = ([line.split()[0] for line in session] for session in sessions)
+    assert first == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL"]  # no RSET: the DATA ended the first
+    assert second == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+
+
+@pytest.mark.parametrize("reads_the_group", [True, False], ids=["reads-the-group", "hangs-up-at-once"])
+def test_a_kept_pipelining_connection_answered_421_and_closed_is_replaced(reads_the_group: bool) -> None:
+    """A server that says 421 to the first command of a pipelined group and hangs up, the rest unanswered."""
+    sessions: list[list[bytes]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(lines := [])
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+            elif len(sessions) == 1 and [x[:4] for x in lines].count(b"MAIL") == 2:
+                if reads_the_group:
+                    lines += [await reader.readline(), await reader.readline()]
+                writer.write(b"421 4.4.2 Idle too long, closing\r\n")
+                writer.close()
+                await writer.wait_closed()
+                return
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 queued\r\n")
+            else:
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+            await writer.drain()
+
+    with raw_server(script) as port:
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=2)
+        outcomes = send_all(transport, [message("a@example.com"), message("b@example.com")])
+    assert outcomes == [sq.Delivered(code=250, enhanced="2.0.0", text="queued")] * 2
+    assert transport.connections_opened == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            b"554 5.7.1 Your IP is on a block list",
+            sq.HardBounce(code=554, enhanced="5.7.1", text="Your IP is on a block list"),
+        ),
+        (
+            b"421 4.7.0 Too many messages, closing",
+            sq.SoftBounce(code=421, enhanced="4.7.0", text="Too many messages, closing"),
+        ),
+    ],
+    ids=["554", "421"],
+)
+def test_what_a_pipelining_server_said_before_hanging_up_is_the_outcome(
+    reply: bytes, expected: sq.Outcome
+) -> None:
+    """Its reply to MAIL came, then the end of the connection: the reply is classified, not the end."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        assert (await reader.readline()).startswith(b"EHLO")
+        writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+        for _ in range(3):  # MAIL, RCPT, DATA
+            await reader.readline()
+        writer.write(reply + b"\r\n")
+        writer.close()
+        await writer.wait_closed()
+
+    with raw_server(script) as port:
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=2)
+        outcome = send(transport, message())
+    assert outcome == expected
+    assert transport._idle == []
+
+
+@pytest.mark.parametrize("after_the_dot", ["drop", "stall"])
+def test_a_kept_connection_failing_after_the_data_is_a_soft_bounce_not_a_resend(after_the_dot: str) -> None:
+    """Once the final dot has gone the server may have accepted the message: never send it again."""
+    bodies: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go on\r\n")
+                bodies.append(await reader.readuntil(b"\r\n.\r\n"))
+                if len(bodies) == 2:  # the second message of the session: no reply to its dot
+                    if after_the_dot == "stall":
+                        await asyncio.sleep(30)
+                    return
+                writer.write(b"250 2.0.0 queued\r\n")
+            else:
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+            await writer.drain()
+
+    with raw_server(script) as port:
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=0.5)
+        first, second = send_all(transport, [message("a@example.com"), message("b@example.com")])
+    assert type(first) is sq.Delivered
+    assert type(second) is sq.SoftBounce
+    assert (second.code, second.enhanced) == (421, "4.4.2")
+    assert len(bodies) == 2  # the second was not sent again on a new connection
+    assert transport.connections_opened == 1
+
+
+@pytest.mark.parametrize(
+    "flood", [b"x" * 1_000_000, b"250 unasked\r\n" * 80_000], ids=["one-endless-line", "many-replies"]
+)
+def test_what_a_server_floods_an_idle_connection_with_is_not_kept(flood: bytes) -> None:
+    """A kept connection reads whatever comes; once it is not SMTP it stops keeping it (memory, CPU)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"DATA"):
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 queued\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the connection is idle, kept for the next message
+                writer.write(flood)
+                writer.close()
+                await writer.wait_closed()  # all of it sent before the end of the connection
+                return
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+            await writer.drain()
+
+    transport = sq.SMTPTransport("127.0.0.1", 25, timeout=2)
+
+    async def run() -> tuple[list[sq.Outcome], int]:
+        try:
+            first = await transport.send(message("a@example.com"))
+            (kept,) = transport._idle
+            await asyncio.wait_for(kept._lost, 10)  # the whole flood has come, then the end
+            held = len(kept._partial) + sum(len(reply.text) for reply in kept._replies)
+            second = await transport.send(message("b@example.com"))
+            return [first, second], held
+        finally:
+            await transport.aclose()
+
+    with raw_server(script) as port:
+        transport.port = port
+        outcomes, held = asyncio.run(run())
+    assert held < 100_000  # of a megabyte
+    assert [type(o) for o in outcomes] == [sq.Delivered, sq.Delivered]
+    assert transport.connections_opened == 2
+
+
+def test_runs_on_uvloop(port: int, handler: RecordingHandler) -> None:
+    uvloop = pytest.importorskip("uvloop")  # uvloop's transports are not asyncio.Transport subclasses
+    transport = sq.SMTPTransport("127.0.0.1", port, timeout=5)
+
+    async def run() -> list[sq.Outcome]:
+        try:
+            return [await transport.send(message(f"u{i}@example.com")) for i in range(3)]
+        finally:
+            await transport.aclose()
+
+    assert [type(o) for o in uvloop.run(run())] == [sq.Delivered] * 3
+    assert transport.connections_opened == 1
+    assert len(handler.received) == 3
 
 
 # -- classification of replies (one table, overridable) ----------------------------------
@@ -297,6 +504,82 @@ def test_a_silent_greeting_times_out_as_a_soft_bounce() -> None:
     assert (outcome.code, outcome.enhanced) == (421, "4.4.1")
 
 
+def test_a_server_that_stops_reading_times_out_the_write(handler: RecordingHandler) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            writer.write(b"354 go on\r\n" if line.startswith(b"DATA") else b"250 ok\r\n")
+            if line.startswith(b"DATA"):
+                await asyncio.sleep(30)  # reads no more: the client's buffers fill up
+
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 30_000  # 30 MB
+    with raw_server(script) as port:
+        outcome = send(sq.SMTPTransport("127.0.0.1", port, timeout=0.5), message(content=big))
+    assert type(outcome) is sq.SoftBounce
+    assert (outcome.code, outcome.enhanced) == (421, "4.4.2")
+    assert "timed out" in outcome.text
+
+
+def test_plaintext_after_the_starttls_reply_is_refused() -> None:
+    """What a server (or a man in the middle) says in clear after 220 must not pass as said under TLS."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        assert (await reader.readline()).startswith(b"EHLO")
+        writer.write(b"250-raw\r\n250 STARTTLS\r\n")
+        assert (await reader.readline()).startswith(b"STARTTLS")
+        writer.write(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+        await reader.read()
+
+    with raw_server(script) as port:
+        outcome = send(sq.SMTPTransport("127.0.0.1", port, starttls=True, verify=False, timeout=2), message())
+    assert type(outcome) is sq.SoftBounce
+    assert (outcome.code, outcome.enhanced) == (421, "4.7.0")
+    assert "STARTTLS" in outcome.text
+
+
+def test_replies_that_come_a_byte_at_a_time() -> None:
+    """Replies, multiline ones too, split across reads anywhere: the parser joins them."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(data: bytes) -> None:
+            for i in range(len(data)):
+                writer.write(data[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        await say(b"220-raw ESMTP\r\n220 welcome\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                await say(b"250-raw\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif line.startswith(b"DATA"):
+                await say(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                await say(b"250-2.0.0 queued\r\n250 2.0.0 as 12345\r\n")
+            else:
+                await say(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+
+    with raw_server(script) as port:
+        outcome = send(sq.SMTPTransport("127.0.0.1", port, timeout=2), message())
+    assert outcome == sq.Delivered(code=250, enhanced="2.0.0", text="queued as 12345")
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [b"220 " + b"x" * 100_000 + b"\r\n", b"220 hello\r\nhello?\r\n", b"220-a\r\n" * 200 + b"220 b\r\n"],
+    ids=["endless-line", "not-a-reply", "endless-reply"],
+)
+def test_a_server_that_does_not_speak_smtp_is_a_soft_bounce(greeting: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        await reader.read()
+
+    with raw_server(script) as port:
+        outcome = send(sq.SMTPTransport("127.0.0.1", port, timeout=2), message())
+    assert type(outcome) is sq.SoftBounce
+    assert outcome.code == 421
+
+
 def test_pipelining_sends_the_envelope_in_one_go() -> None:
     """The server answers nothing until MAIL, RCPT and DATA have all come: only pipelining passes."""
     seen: list[bytes] = []
@@ -321,6 +604,35 @@ def test_pipelining_sends_the_envelope_in_one_go() -> None:
     assert outcome == sq.Delivered(code=250, enhanced="2.0.0", text="queued")
     assert [line.split(b":")[0] for line in seen[:3]] == [b"MAIL FROM", b"RCPT TO", b"DATA\r\n"]
     assert seen[3] == CONTENT + b".\r\n"
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "plain"])
+@pytest.mark.parametrize("data_reply", [b"250 2.0.0 OK", b"334 what"])
+def test_data_answered_with_neither_354_nor_a_refusal_is_no_delivery(
+    data_reply: bytes, pipelining: bool
+) -> None:
+    """A 250 to DATA itself would read as delivered, but no byte of the message went."""
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        while line := await reader.readline():
+            seen.append(line)
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-raw\r\n250 PIPELINING\r\n" if pipelining else b"250 raw\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(data_reply + b"\r\n")
+            else:
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+
+    with raw_server(script) as port:
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=1)
+        outcome = send(transport, message())
+    assert type(outcome) is sq.SoftBounce
+    assert (outcome.code, outcome.enhanced) == (421, "4.4.2")
+    assert data_reply.decode() in outcome.text
+    assert [line.split()[0] for line in seen] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]  # no body, no QUIT
+    assert transport._idle == []
 
 
 def test_a_message_over_the_servers_size_is_a_hard_bounce_unsent(handler: RecordingHandler) -> None:

@@ -328,7 +328,10 @@ def test_a_worker_killed_mid_send_loses_nothing(
         process = start_worker(tmp_path, url, port, 5, lease, 5, "no")
         try:
             deadline = time.monotonic() + 60
-            while len(handler.received) < 10 and time.monotonic() < deadline:
+            # Between two waves it holds no claim (five sends finish together): kill it mid-wave.
+            while (
+                len(handler.received) < 10 or queue.metrics("m1").sending == 0
+            ) and time.monotonic() < deadline:
                 time.sleep(0.01)
             process.kill()  # SIGKILL: no chance to report or release
             process.communicate(timeout=30)

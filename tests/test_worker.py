@@ -187,6 +187,60 @@ def test_concurrency_of_one_sends_one_at_a_time(queue: sq.SenderQueue) -> None:
     assert transport.most_in_flight == 1
 
 
+class StaggeredTransport:
+    """Delivers each message after a latency of its own, looked up by recipient (0 by default)."""
+
+    def __init__(self, latencies: Callable[[str], float]) -> None:
+        self.latencies = latencies
+
+    async def send(self, message: sq.Message) -> sq.Outcome:
+        await asyncio.sleep(self.latencies(message.recipient))
+        return sq.Delivered(code=250, enhanced="2.0.0", text="OK")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_finished_sends_are_reported_and_replaced_in_waves(
+    queue: sq.SenderQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(queue, users(500))
+    calls = {"claim": 0, "report_many": 0}
+    for name in calls:
+        method = getattr(queue, name)
+
+        def counted(*args: Any, _method: Callable[..., Any] = method, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _method(*args)
+
+        monkeypatch.setattr(queue, name, counted)
+    # Sends finish one by one, 0.2 ms apart: without waves, each would cost a report and a claim.
+    transport = StaggeredTransport(lambda recipient: int(recipient[4:].partition("@")[0]) % 50 * 0.0002)
+    summary = sq.SenderWorker(queue, transport, sender="s1", concurrency=50).run_until_idle()
+    assert summary.delivered == 500
+    assert calls["report_many"] <= 100  # about 50 in waves of 5 or more; about 150 one by one
+    assert calls["claim"] <= 102
+
+
+def test_a_send_that_finishes_alone_is_reported_without_waiting_for_its_wave(queue: sq.SenderQueue) -> None:
+    (fast,) = fill(queue, ["fast@example.com"])
+    fill(queue, users(9))
+    transport = StaggeredTransport(lambda recipient: 0.0 if recipient.startswith("fast") else 1.0)
+    worker = sq.SenderWorker(queue, transport, sender="s1", concurrency=50)  # a wave is 5 sends
+    thread = threading.Thread(target=worker.run_until_idle)
+    thread.start()
+    try:
+        for _ in range(400):  # well within the slow sends' second
+            if queue.get(fast).state is sq.State.DELIVERED:
+                break
+            threading.Event().wait(0.001)
+        assert queue.get(fast).state is sq.State.DELIVERED
+        assert queue.metrics("m1").sending == 9
+    finally:
+        thread.join(10)
+    assert queue.metrics("m1") == sq.Metrics(delivered=10)
+
+
 class RaisingTransport:
     async def send(self, message: sq.Message) -> sq.Outcome:
         if message.recipient.startswith("boom"):
@@ -207,6 +261,35 @@ def test_a_transport_that_raises_is_a_soft_bounce(queue: sq.SenderQueue) -> None
     assert message.last_error.startswith("451 4.3.0 transport error")
     assert "boom went the socket" in message.last_error
     assert queue.get(fine).state is sq.State.DELIVERED
+
+
+class MisbehavingTransport:
+    """Returns something that is not an outcome, or is cancelled from within, for some recipients."""
+
+    async def send(self, message: sq.Message) -> sq.Outcome:
+        if message.recipient.startswith("none"):
+            return None  # type: ignore[return-value]  # what a user's untyped transport may do
+        if message.recipient.startswith("cancelled"):
+            raise asyncio.CancelledError  # e.g. an inner task of the transport's, cancelled
+        await asyncio.sleep(0.01)
+        return sq.Delivered()
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("bad", ["none", "cancelled"])
+def test_a_send_that_ends_without_an_outcome_is_a_soft_bounce_and_its_wave_is_reported(
+    queue: sq.SenderQueue, bad: str
+) -> None:
+    broken, *fine = fill(queue, [f"{bad}@example.com", *users(9)])
+    summary = sq.SenderWorker(queue, MisbehavingTransport(), sender="s1", concurrency=10).run_until_idle()
+    assert (summary.delivered, summary.soft_bounced, summary.lost) == (9, 1, 0)
+    message = queue.get(broken)
+    assert (message.state, message.attempts) == (sq.State.RETRIES, 1)  # it may have gone: the attempt counts
+    assert message.last_error is not None
+    assert message.last_error.startswith("451 4.3.0 transport error")
+    assert {queue.get(i).state for i in fine} == {sq.State.DELIVERED}
 
 
 class GatedTransport:
@@ -256,6 +339,29 @@ def test_stop_from_another_thread_finishes_in_flight_sends(queue: sq.SenderQueue
     assert sorted(transport.sent) == sorted(
         i for i, s in zip(ids, states, strict=True) if s is sq.State.DELIVERED
     )
+
+
+def test_a_stop_that_comes_during_a_claim_releases_what_it_claimed(
+    queue: sq.SenderQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = fill(queue, users(5))
+    transport = RecordingTransport()
+    worker = sq.SenderWorker(queue, transport, sender="s1", concurrency=5, poll_interval=0.01)
+    claim = queue.claim
+
+    def claim_while_stopped(*args: Any) -> list[sq.Claim]:
+        worker.stop()  # SIGTERM while the backend answers the claim
+        return claim(*args)
+
+    monkeypatch.setattr(queue, "claim", claim_while_stopped)
+    thread, result = _run_in_thread(worker)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    (summary,) = result
+    assert (summary.attempts, summary.released) == (0, 5)
+    assert transport.sent == []
+    assert queue.metrics("m1") == sq.Metrics(new=5)
+    assert {queue.get(i).attempts for i in ids} == {0}
 
 
 def test_stop_an_idle_worker(queue: sq.SenderQueue) -> None:
@@ -337,6 +443,45 @@ def test_a_long_send_has_its_lease_renewed(
     assert expired == [0]
     assert (summary.delivered, summary.lost) == (1, 0)
     assert queue.get(msg_id).state is sq.State.DELIVERED
+
+
+def test_a_send_is_reported_with_its_claim_as_last_renewed(
+    queue: sq.SenderQueue, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(queue, ["slow@example.com"])
+    renewed: list[sq.Claim] = []
+    reported: list[sq.Claim] = []
+    renew, report_many = queue.renew, queue.report_many
+
+    def spy_renew(claim: sq.Claim, lease: timedelta = sq.DEFAULT_LEASE) -> sq.Claim:
+        renewed.append(renew(claim, lease))
+        return renewed[-1]
+
+    def spy_report_many(reports: list[tuple[sq.Claim, sq.Outcome]]) -> list[sq.LeaseLost | None]:
+        reported.extend(claim for claim, _ in reports)
+        return report_many(reports)
+
+    monkeypatch.setattr(queue, "renew", spy_renew)
+    monkeypatch.setattr(queue, "report_many", spy_report_many)
+
+    class SlowTransport:
+        async def send(self, message: sq.Message) -> sq.Outcome:
+            clock.advance(timedelta(seconds=40))  # under half of the 60 s lease left
+            for _ in range(2000):  # the worker renews meanwhile (waits 10 s at most, not to hang)
+                if renewed:
+                    break
+                await asyncio.sleep(0.005)
+            return sq.Delivered()
+
+        async def aclose(self) -> None:
+            pass
+
+    worker = sq.SenderWorker(
+        queue, SlowTransport(), sender="s1", lease=timedelta(seconds=60), poll_interval=0.01
+    )
+    assert worker.run_until_idle().delivered == 1
+    assert len(renewed) == 1
+    assert reported == renewed  # not the claim as first claimed: a backend may renew with a new token
 
 
 @pytest.mark.parametrize(
