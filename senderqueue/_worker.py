@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-from ._errors import InvalidArgument, LeaseLost
+from ._errors import BackendError, InvalidArgument, LeaseLost
 from ._memory import MemoryBackend
 from ._models import Claim
 from ._outcomes import Delivered, HardBounce, Outcome, SoftBounce
@@ -60,6 +61,12 @@ _NO_LIMIT: Final = DomainLimit()
 # waits at most _LINGER seconds for the rest of its wave.
 _WAVE: Final = 10
 _LINGER: Final = 0.002
+# A failing backend (BackendError: its operation had no effect) is called again after a pause that
+# doubles from the first to the most, for as long as the claims in question could still be valid.
+_RETRY_FIRST: Final = 0.05
+_RETRY_MOST: Final = 2.0
+
+_log = logging.getLogger("senderqueue.worker")
 
 
 @attrs.frozen(kw_only=True)
@@ -141,6 +148,11 @@ class SenderWorker:
     within 2 ms), renews a lease once half of it has run, and on :meth:`stop` (or
     SIGTERM/SIGINT under :meth:`run`) claims nothing more, lets in-flight sends finish
     and report, and releases what it claimed but had not started.
+
+    A ``BackendError`` (the backend's operation had no effect) does not end a run: the worker
+    logs it (logger ``senderqueue.worker``) and calls again after a pause that doubles up to 2 s:
+    claims for as long as it runs, reports and releases for as long as their leases could still
+    be valid (then a report raises, and an unreleased message is due again once its lease ends).
 
     Per-destination limits hold a claimed message back until its recipient's domain
     has a free slot; held messages count against ``concurrency``, so a flood to one
@@ -248,7 +260,12 @@ class SenderWorker:
             while not self._stopping.is_set():
                 free = self.concurrency - len(in_flight) - len(held)
                 if free:
-                    claims = await self._queue_call(self.queue.claim, self.sender, free, self.lease)
+                    try:
+                        claims = await self._patiently(
+                            self.queue.claim, self.sender, free, self.lease, patience=None
+                        )
+                    except BackendError:
+                        break  # stopped while the backend fails: nothing was claimed
                     if claims:
                         self._due_by(claims)
                         held += claims
@@ -363,7 +380,8 @@ class SenderWorker:
     async def _report(self, reports: list[tuple[Claim, Outcome]]) -> None:
         if not reports:
             return
-        results = await self._queue_call(self.queue.report_many, reports)
+        # Until the leases run out the reports can still land; after that they would meet LeaseLost.
+        results = await self._patiently(self.queue.report_many, reports, patience=self.lease.total_seconds())
         for (_, outcome), lost in zip(reports, results, strict=True):
             if lost is not None:
                 self._counts["lost"] += 1
@@ -375,16 +393,36 @@ class SenderWorker:
                 self._counts["soft_bounced"] += 1
 
     async def _release(self, held: list[Claim]) -> None:
-        def release_all() -> None:
-            for claim in held:
-                try:
-                    self.queue.release(claim)
-                except LeaseLost:
-                    self._counts["lost"] += 1
-                else:
-                    self._counts["released"] += 1
+        for claim in held:
+            try:
+                await self._patiently(self.queue.release, claim, patience=self.lease.total_seconds())
+            except LeaseLost:
+                self._counts["lost"] += 1
+            except BackendError:
+                # Given up: the lease runs out and the message is due again, its attempt counted.
+                _log.error("could not release %s; it is sent again once its lease expires", claim.message.id)
+            else:
+                self._counts["released"] += 1
 
-        await self._queue_call(release_all)
+    async def _patiently(self, fn: Callable[..., _T], *args: Any, patience: float | None) -> _T:
+        """Call the queue; on ``BackendError`` (no effect) wait and call again.
+
+        Gives up, raising the last error, once ``patience`` seconds of waiting have passed
+        (``None``: not while the worker runs; a claim is not retried once it is stopping).
+        """
+        delay, waited = _RETRY_FIRST, 0.0
+        while True:
+            try:
+                return await self._queue_call(fn, *args)
+            except BackendError as error:
+                if (patience is None and self._stopping.is_set()) or (
+                    patience is not None and waited >= patience
+                ):
+                    raise
+                _log.warning("%s failed, again in %.2f s: %s", fn.__name__, delay, error)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, _RETRY_MOST)
 
     def _due_by(self, claims: list[Claim]) -> None:
         """Note when the earliest of ``claims`` needs renewing."""
@@ -400,7 +438,8 @@ class SenderWorker:
         for task, claim in list(in_flight.items()):
             if claim.expires_at - now < self.lease / 2:
                 # A LeaseLost here means the lease was settled; the send's report will meet it too.
-                with contextlib.suppress(LeaseLost):
+                # A BackendError: the next pass tries again, as this claim is still due for renewal.
+                with contextlib.suppress(LeaseLost, BackendError):
                     in_flight[task] = await self._queue_call(self.queue.renew, claim, self.lease)
         renewed: list[Claim] = []
         for claim in held:
@@ -410,6 +449,8 @@ class SenderWorker:
                 except LeaseLost:
                     self._counts["lost"] += 1  # settled meanwhile: no longer ours to send
                     continue
+                except BackendError:
+                    pass  # kept as it is: the next pass tries again
             renewed.append(claim)
         for claims in (list(in_flight.values()), renewed):
             if claims:

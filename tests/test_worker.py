@@ -543,3 +543,83 @@ def test_run_stops_gracefully_on_a_signal(signal_name: str) -> None:
     # The two sends in flight when the signal came finished and were reported; nothing more was claimed.
     assert result["delivered"] == 2
     assert (result["sending"], result["new"], result["delivered"]) == (0, 8, 2)
+
+
+class FlakyBackend(sq.MemoryBackend):
+    """A memory backend whose claim, settle and renew fail (with no effect) while told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: dict[str, int] = {}  # method name -> calls left to fail
+        self.failed: list[str] = []
+
+    def _trip(self, name: str) -> None:
+        left = self.failing.get(name, 0)
+        if left:
+            self.failing[name] = left - 1
+            self.failed.append(name)
+            raise sq.BackendError(f"{name}: connection lost")
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[sq.Claim]:
+        self._trip("claim")
+        return super().claim(*args, **kwargs)
+
+    def settle(self, *args: Any, **kwargs: Any) -> list[sq.LeaseLost | None]:
+        self._trip("settle")
+        return super().settle(*args, **kwargs)
+
+    def renew(self, *args: Any, **kwargs: Any) -> sq.Claim:
+        self._trip("renew")
+        return super().renew(*args, **kwargs)
+
+
+def test_a_failing_backend_is_called_again_and_nothing_is_lost(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = FlakyBackend()
+    queue = sq.SenderQueue(backend, clock=clock)
+    ids = fill(queue, users(30))
+    backend.failing = {"claim": 2, "settle": 3}
+    transport = RecordingTransport()
+    with caplog.at_level("WARNING", logger="senderqueue.worker"):
+        summary = sq.SenderWorker(queue, transport, sender="s1", concurrency=10).run_until_idle()
+    assert backend.failed == ["claim", "claim", "settle", "settle", "settle"]
+    assert sorted(transport.sent) == sorted(ids)  # each sent once: a failed report is not a resend
+    assert summary.delivered == 30
+    assert summary.lost == 0
+    metrics = queue.metrics("m1")
+    assert (metrics.total, metrics.delivered) == (0, 30)
+    assert sum("failed, again in" in record.getMessage() for record in caplog.records) == 5
+
+
+def test_a_report_that_keeps_failing_gives_up_once_the_lease_is_over(clock: ManualClock) -> None:
+    backend = FlakyBackend()
+    queue = sq.SenderQueue(backend, clock=clock)
+    fill(queue, users(3))
+    backend.failing = {"settle": 10**6}
+    worker = sq.SenderWorker(
+        queue, RecordingTransport(), sender="s1", concurrency=3, lease=timedelta(seconds=0.2)
+    )
+    with pytest.raises(sq.BackendError, match="settle: connection lost"):
+        worker.run_until_idle()
+    # Nothing was reported: the three are still SENDING, due again when their leases expire.
+    assert queue.metrics("m1").sending == 3
+
+
+def test_a_failing_renewal_is_tried_again(clock: ManualClock) -> None:
+    backend = FlakyBackend()
+    queue = sq.SenderQueue(backend, clock=clock)
+    (message_id,) = fill(queue, users(1))
+    lease = timedelta(seconds=60)
+    backend.failing = {"renew": 1}
+
+    def age(_: sq.Message) -> None:
+        clock.advance(timedelta(seconds=40))  # past half the lease: due for renewal
+
+    transport = RecordingTransport(latency=0.3, on_send=age)
+    summary = sq.SenderWorker(
+        queue, transport, sender="s1", concurrency=1, lease=lease, poll_interval=0.05
+    ).run_until_idle()
+    assert backend.failed == ["renew"]
+    assert summary.delivered == 1
+    assert queue.get(message_id).state is sq.State.DELIVERED
