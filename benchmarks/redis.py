@@ -9,8 +9,10 @@ Workloads, as in ``benchmarks/memory.py``:
 
 * enqueue_many: the big mailing (``--messages``) in batches of 1,000 over 4 sender queues;
 * drain: one sender queue of ``--drain`` messages, claim 100 + report them all delivered,
-  until empty;
-* metrics of the big mailing, idle and while 4 worker processes drain another mailing;
+  until empty (``--runs`` alternating runs of the library and raw Lua, median of each; the
+  library also with ``batch=0``, one script per call, to show what shorter scripts cost);
+* metrics of the big mailing, idle and while 4 worker processes drain another mailing (median,
+  p90, p99; and with ``batch=0``);
 * freeze, unfreeze and clear of the big mailing;
 * memory per queued message: ``INFO memory`` before and after the big mailing.
 
@@ -118,6 +120,17 @@ def library_drain(queue: sq.SenderQueue, sender: str = "s0") -> int:
         assert not any(queue.report_many([(claim, DELIVERED) for claim in claims]))
         done += len(claims)
     return done
+
+
+def library_drain_rate(url: str, count: int, options: str = "") -> float:
+    """msg/s of one drain of a fresh sender queue of ``count`` messages (``options``: more URL query)."""
+    fresh = sq.SenderQueue.open(f"{url}?namespace=bench-drain-{uuid.uuid4().hex[:8]}{options}")
+    try:
+        library_fill(fresh, "drain", count, 1)
+        return per_second(count, timed(lambda: library_drain(fresh)))
+    finally:
+        fresh.backend.destroy()  # type: ignore[attr-defined]
+        fresh.close()
 
 
 DRAINER = r"""
@@ -348,6 +361,8 @@ class Row:
 def fmt(value: float) -> str:
     if value != value or value == 0:  # nan or not run
         return "—"
+    if value < 10:
+        return f"{value:.2f}"
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
@@ -382,13 +397,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/9", help="the Redis to use")
     parser.add_argument("--messages", type=int, default=1_000_000, help="size of the big mailing")
     parser.add_argument("--drain", type=int, default=20_000, help="messages drained by each subject")
-    parser.add_argument("--runs", type=int, default=3, help="drain runs of the library and raw Lua")
+    parser.add_argument("--runs", type=int, default=5, help="drain runs of the library and raw Lua")
     parser.add_argument("--peer-drain", type=int, default=2_000, help="messages drained by rq and saq")
     parser.add_argument("--busy", type=int, default=200_000, help="messages drained while metrics are read")
     parser.add_argument("--repeats", type=int, default=200, help="calls timed for freeze/unfreeze/metrics")
     args = parser.parse_args(argv)
     n, drained = args.messages, args.drain
     began = time.perf_counter()
+    loads = [os.getloadavg()[0]]
 
     def progress(what: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f} s] {what}", file=sys.stderr, flush=True)
@@ -404,11 +420,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         enqueue = library_fill(queue, "big", n, SENDERS)
         library_bytes = (used_memory(client) - before) / n
         before = used_memory(client)
-        progress("raw_enqueue = raw.fill(n)")
+        progress("enqueue of the raw queue")
         raw_enqueue = raw.fill(n)
         raw_bytes = (used_memory(client) - before) / n
         raw.destroy()
-        progress("# freeze / unfreeze / clear of")
+        progress("freeze, unfreeze and clear")
         # freeze / unfreeze / clear of the big mailing
         assert queue.freeze("big") == n
         assert queue.unfreeze("big") == n
@@ -419,33 +435,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         idle = [timed(lambda: queue.metrics("big")) for _ in range(args.repeats * 5)]
         clear = timed(lambda: queue.clear("big"))
         assert queue.metrics("big").deleted == n
-        progress("# drain")
-        # drain
+        progress("drain")
         # Alternating runs, median of each: on a busy machine one run of each can land far apart.
-        library_rates, raw_rates = [], []
+        # batch=0 (one script per call) shows what the default's shorter scripts cost.
+        library_rates, raw_rates, whole_rates = [], [], []
         for _ in range(args.runs):
-            fresh = sq.SenderQueue.open(f"{args.url}?namespace=bench-drain-{uuid.uuid4().hex[:8]}")
-            library_fill(fresh, "drain", drained, 1)
-            library_rates.append(per_second(drained, timed(lambda q=fresh: library_drain(q))))  # type: ignore[misc]
-            fresh.backend.destroy()  # type: ignore[attr-defined]
-            fresh.close()
+            library_rates.append(library_drain_rate(args.url, drained))
             raw.fill(drained)
             raw_rates.append(per_second(drained, timed(raw.drain)))
             raw.destroy()
+            whole_rates.append(library_drain_rate(args.url, drained, "&batch=0"))
         library_rate, raw_rate = statistics.median(library_rates), statistics.median(raw_rates)
-        progress(f"drain runs: library {library_rates}, raw {raw_rates}")
+        ratios = [f"{lib / raw:.2f}" for lib, raw in zip(library_rates, raw_rates, strict=True)]
+        progress(f"drain runs (msg/s): library {library_rates}, raw {raw_rates}; ratios {ratios}")
+        progress(f"drain runs with batch=0 (msg/s): {whole_rates}")
+        loads.append(os.getloadavg()[0])
         rq_enqueue, rq_rate = rq_figures(args.url, args.peer_drain)
-        progress("saq_enqueue, saq_rate =")
+        progress("saq")
         saq_enqueue, saq_rate = saq_figures(args.url, args.peer_drain)
-        progress("# metrics while 4 workers drai")
-        # metrics while 4 workers drain
+        progress("metrics while 4 workers drain")
         busy, _ = metrics_under_load(url, queue, args.busy)
+        progress("metrics while 4 workers drain with batch=0")
+        busy_whole, _ = metrics_under_load(url + "&batch=0", queue, args.busy)
+        loads.append(os.getloadavg()[0])
     finally:
         queue.backend.destroy()  # type: ignore[attr-defined]
         queue.close()
         raw.destroy()
     best_peer = max(rq_rate, saq_rate)
+    p90 = statistics.quantiles(busy, n=10)[8] if len(busy) >= 10 else max(busy)
     p99 = statistics.quantiles(busy, n=100)[98] if len(busy) >= 100 else max(busy)
+    p90_whole = statistics.quantiles(busy_whole, n=10)[8] if len(busy_whole) >= 10 else max(busy_whole)
     ms = 1e3
     rows = [
         Row(
@@ -466,6 +486,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             library_rate >= 2 * best_peer and library_rate >= 0.5 * raw_rate,
         ),
         Row(
+            "  the same with batch=0 (one script per call), median",
+            "msg/s",
+            {"senderqueue": statistics.median(whole_rates)},
+        ),
+        Row(
             f"metrics of the {n:,} mailing ({SENDERS} senders), idle, median",
             "ms",
             {"senderqueue": statistics.median(idle) * ms},
@@ -477,11 +502,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             "< 1 ms",
             statistics.median(busy) < 1e-3,
         ),
+        Row(f"metrics while 4 worker processes drain, p90 of {len(busy):,}", "ms", {"senderqueue": p90 * ms}),
         Row(
             f"metrics while 4 worker processes drain, p99 of {len(busy):,}",
             "ms",
             {"senderqueue": p99 * ms},
         ),
+        Row(
+            "  the same with batch=0 (one script per call), median",
+            "ms",
+            {"senderqueue": statistics.median(busy_whole) * ms},
+        ),
+        Row("  the same with batch=0, p90", "ms", {"senderqueue": p90_whole * ms}),
         Row(
             f"freeze the {n:,} mailing, median",
             "ms",
@@ -506,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"senderqueue-redis on Redis {server['redis_version']}, redis-py {redis.__version__}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}, "
-        f"{os.cpu_count()} CPUs.\n"
+        f"{os.cpu_count()} CPUs; load average (1 min) at start, after the drain runs, after the "
+        f"metrics under load: {', '.join(f'{load:.1f}' for load in loads)}.\n"
     )
     print(render(rows, ["senderqueue", "raw Lua", "rq", "saq"]))
     print(f"\nTook {time.perf_counter() - began:.0f} s.")

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from importlib.metadata import entry_points
+from typing import Any
 
 import pytest
 import redis
@@ -66,6 +67,34 @@ def test_a_backend_wraps_a_client_made_by_the_application(client: redis.Redis, n
     assert queue.get(message_id).state is sq.State.NEW
     with pytest.raises(sq.InvalidArgument, match="decode_responses"):
         RedisBackend(redis.Redis.from_url(REDIS_URL, decode_responses=True), namespace)
+
+
+def test_a_namespace_of_another_layout_is_refused_and_left_as_it_is(
+    client: redis.Redis, namespace: str
+) -> None:
+    prefix = redis_backend.key_prefix(namespace)
+    fresh = sq.SenderQueue(RedisBackend(client, namespace), clock=ManualClock(START))
+    fresh.enqueue_many([new_message()])
+    assert client.get(prefix + "layout") == str(redis_backend.LAYOUT).encode()
+
+    # Written by an older version: counters but no layout key (layout 1).
+    client.delete(prefix + "layout")
+    before = {key: client.type(key) for key in _keys(client, namespace)}
+    old = sq.SenderQueue(RedisBackend(client, namespace), clock=ManualClock(START))
+    for call in (
+        lambda: old.metrics("m1"),
+        lambda: old.claim("s1", 10),
+        lambda: old.enqueue_many([new_message()]),
+    ):
+        with pytest.raises(
+            sq.BackendError, match=f"holds keys of layout 1, .* reads layout {redis_backend.LAYOUT}"
+        ):
+            call()
+    assert {key: client.type(key) for key in _keys(client, namespace)} == before  # nothing written
+
+    client.set(prefix + "layout", b"7")
+    with pytest.raises(sq.BackendError, match="layout 7"):
+        sq.SenderQueue(RedisBackend(client, namespace)).metrics("m1")
 
 
 def test_urls_are_checked_and_share_a_client(namespace: str) -> None:
@@ -156,12 +185,203 @@ def test_awkward_ids_cannot_forge_each_others_keys(client: redis.Redis, namespac
     assert len(message_keys) == 2 * (len(AWKWARD) + 2)
 
 
-def test_a_flushed_script_cache_is_reloaded(client: redis.Redis, namespace: str) -> None:
+@pytest.mark.parametrize("by_url", [False, True])
+def test_a_flushed_script_cache_is_reloaded(client: redis.Redis, namespace: str, by_url: bool) -> None:
+    queue = _queue(client, namespace, by_url, batch=2)
+    try:
+        queue.enqueue_many([new_message(n=n) for n in range(7)])
+        client.script_flush()
+        assert queue.metrics("m1") == sq.Metrics(new=7)
+        assert len(queue.claim("s1")) == 1
+        # Flushed again between two scripts of one claim: the later one loads it again.
+        backend = queue.backend
+        content_keys = backend._content_keys  # type: ignore[attr-defined]
+
+        def flush_once(rows: list[list[object]]) -> tuple[str, ...]:
+            backend._content_keys = content_keys  # type: ignore[attr-defined]
+            client.script_flush()
+            return content_keys(rows)  # type: ignore[no-any-return]
+
+        backend._content_keys = flush_once  # type: ignore[attr-defined]
+        assert len(queue.claim("s1", 6)) == 6
+        assert queue.metrics("m1") == sq.Metrics(sending=7)
+    finally:
+        queue.close()
+
+
+def _queue(client: redis.Redis, namespace: str, by_url: bool, batch: int) -> sq.SenderQueue:
+    """A queue on a client of its own URL (driven through its pool) or on the test's client."""
+    if by_url:
+        url = f"{REDIS_URL}?namespace={namespace}&batch={batch}&cluster=false"
+        return sq.SenderQueue.open(url, clock=ManualClock(START))
+    return sq.SenderQueue(RedisBackend(client, namespace, batch=batch), clock=ManualClock(START))
+
+
+# -- work split over several scripts ----------------------------------------------------
+
+
+@pytest.fixture
+def small_purges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Purge scripts of 3 messages."""
+    monkeypatch.setattr(redis_backend._backend, "_PURGE_BATCH", 3)
+
+
+def test_batch_comes_from_the_url_or_the_constructor(client: redis.Redis, namespace: str) -> None:
+    assert RedisBackend(client, namespace).batch == redis_backend.DEFAULT_BATCH
+    assert RedisBackend(client, namespace, batch=0).batch == 0
+    for number in (-1, 1.5, True):
+        with pytest.raises(sq.InvalidArgument):
+            RedisBackend(client, namespace, batch=number)
+    for text in ("x", "-1", ""):
+        with pytest.raises(sq.InvalidArgument):
+            sq.SenderQueue.open(f"{REDIS_URL}?namespace={namespace}&batch={text}")
+    queue = sq.SenderQueue.open(f"{REDIS_URL}?namespace={namespace}&batch=7&cluster=false")
+    try:
+        assert queue.backend.batch == 7  # type: ignore[attr-defined]
+    finally:
+        queue.close()
+
+
+def test_a_batch_is_ascii_digits_and_any_size_works(client: redis.Redis, namespace: str) -> None:
+    """ "²" passes str.isdigit() but not int(); a batch past Redis's integers is no limit."""
+    with pytest.raises(sq.InvalidArgument):
+        sq.SenderQueue.open(f"{REDIS_URL}?namespace={namespace}&batch=%C2%B2&cluster=false")
+    queue = sq.SenderQueue(RedisBackend(client, namespace, batch=10**20), clock=ManualClock(START))
+    clock: ManualClock = queue.clock  # type: ignore[assignment]
+    queue.enqueue_many(new_message(n=n) for n in range(3))
+    assert len(queue.claim("s1", 3, lease=timedelta(minutes=1))) == 3
+    clock.advance(timedelta(minutes=2))
+    assert queue.expire_leases() == 3
+
+
+@pytest.mark.parametrize(("batch", "by_url"), [(3, False), (3, True), (0, True)])
+def test_claims_reports_and_expiry_span_scripts(
+    client: redis.Redis, namespace: str, batch: int, by_url: bool
+) -> None:
+    """Three messages a script, or each call in one script: the same outcome."""
+    queue = _queue(client, namespace, by_url, batch)
+    clock: ManualClock = queue.clock  # type: ignore[assignment]
+    try:
+        ids = queue.enqueue_many(
+            new_message(mailing=f"m{n % 2}", n=n, message_id=f"id{n:02}") for n in range(20)
+        )
+        claims = queue.claim("s1", 8, lease=timedelta(minutes=1))
+        assert [c.message.id for c in claims] == ids[:8]  # oldest first across scripts and queues
+        assert len({c.token for c in claims}) == 8
+        assert all(c.message.content == new_message().content for c in claims)
+        results = queue.report_many([(c, sq.Delivered(code=250)) for c in claims[:7]])
+        assert results == [None] * 7
+        assert [type(r) for r in queue.report_many([(claims[0], sq.Delivered(code=250))])] == [sq.LeaseLost]
+        held = queue.claim("s1", 7, lease=timedelta(minutes=1))
+        clock.advance(timedelta(minutes=2))
+        assert queue.expire_leases() == 8  # claims[7] and the seven held
+        assert sum((queue.metrics(m) for m in ("m0", "m1")), sq.Metrics()) == sq.Metrics(
+            new=5, retries=8, delivered=7
+        )
+        assert {queue.get(c.message.id).state for c in [claims[7], *held]} == {sq.State.RETRIES}
+    finally:
+        queue.close()
+
+
+def test_scores_read_back_in_any_spelling() -> None:
+    """Redis 7.2+ spells a round score with an exponent; a claim returns scores as times."""
+    score_time = redis_backend._backend._score_time
+    assert score_time(b"1.8934884e+15") == score_time(b"1893488400000000") == START
+
+
+def test_a_claim_reported_twice_in_one_batch_settles_once(client: redis.Redis, namespace: str) -> None:
+    """A script reads every claim record first: the second report of one claim must still lose."""
     queue = sq.SenderQueue(RedisBackend(client, namespace), clock=ManualClock(START))
-    queue.enqueue_many([new_message()])
-    client.script_flush()
-    assert queue.metrics("m1") == sq.Metrics(new=1)
-    assert len(queue.claim("s1")) == 1
+    queue.enqueue_many([new_message(n=n) for n in range(2)])
+    first, second = queue.claim("s1", 2)
+    results = queue.report_many(
+        [(first, sq.Delivered(code=250)), (first, sq.SoftBounce(code=451)), (second, sq.HardBounce(code=550))]
+    )
+    assert [type(r) for r in results] == [type(None), sq.LeaseLost, type(None)]
+    assert queue.metrics("m1") == sq.Metrics(delivered=1, failed=1)
+    assert queue.get(first.message.id).state is sq.State.DELIVERED
+
+
+@pytest.mark.usefixtures("small_purges")
+def test_purge_spans_scripts_and_batches(client: redis.Redis, namespace: str) -> None:
+    clock = ManualClock(START)
+    queue = sq.SenderQueue(RedisBackend(client, namespace, batch=3), clock=clock)
+    queue.enqueue_many(new_message(n=n, message_id=f"id{n:02}") for n in range(14))
+    for _ in range(2):  # two reports at two times: two batches of terminal messages
+        queue.report_many([(c, sq.Delivered(code=250)) for c in queue.claim("s1", 4)])
+        clock.advance(timedelta(minutes=1))
+    queue.clear("m1")  # six queued messages, set aside
+    clock.advance(timedelta(minutes=1))
+    assert queue.metrics("m1") == sq.Metrics(delivered=8, deleted=6)
+    assert queue.purge(older_than=timedelta(minutes=2, seconds=30)) == 4
+    assert queue.metrics("m1") == sq.Metrics(delivered=4, deleted=6)
+    assert queue.purge(older_than=timedelta(0)) == 10
+    assert queue.metrics("m1") == sq.Metrics()
+    prefix = redis_backend.key_prefix(namespace).encode()
+    left = {k[len(prefix) :].split(b":")[0] for k in _keys(client, namespace)}
+    assert left == {b"layout", b"seq", b"tok", b"qn", b"dn", b"mg", b"q", b"sq", b"senders"}
+
+
+def test_a_lease_settled_back_due_at_once_is_claimed_whole(client: redis.Redis, namespace: str) -> None:
+    """A claim settles the sender's expired leases, then claims: a message whose wait rounds to 0
+    is due again in the same script, and its new claim must keep its record and lease."""
+    retry = sq.RetryPolicy(
+        min_backoff=timedelta(microseconds=1), max_backoff=timedelta(microseconds=1), jitter=0.9, seed=1
+    )
+    message_id = next(f"id{n}" for n in range(1000) if retry.backoff(1, f"id{n}") == timedelta(0))
+    clock = ManualClock(START)
+    queue = sq.SenderQueue(RedisBackend(client, namespace), clock=clock, retry=retry)
+    queue.enqueue_many([new_message(message_id=message_id)])
+    queue.claim("s1", 2, lease=timedelta(minutes=1))
+    clock.advance(timedelta(minutes=2))
+    (claim,) = queue.claim("s1", 2, lease=timedelta(minutes=1))  # 2: the lease is settled in the same script
+    assert claim.message.attempts == 2
+    assert queue.get(message_id).state is sq.State.SENDING
+    queue.deliver(claim)
+    assert queue.metrics("m1") == sq.Metrics(delivered=1)
+
+
+def test_a_small_claim_settles_expired_leases_a_batch_a_script(client: redis.Redis, namespace: str) -> None:
+    """claim(limit=1) after many leases expired: a batch of them a script, not one a round trip."""
+    clock = ManualClock(START)
+    backend = RedisBackend(client, namespace, batch=20)
+    queue = sq.SenderQueue(backend, clock=clock)
+    queue.enqueue_many(new_message(n=n) for n in range(50))
+    assert len(queue.claim("s1", 50, lease=timedelta(minutes=1))) == 50
+    clock.advance(timedelta(minutes=2))
+    run = backend._run
+    scripts: list[str] = []
+
+    def counted(script: Any, *args: Any) -> Any:
+        scripts.append(script.name)
+        return run(script, *args)
+
+    backend._run = counted
+    assert queue.claim("s1", 1) == []  # the 50 are RETRIES now, due in 5 minutes
+    assert scripts == ["claim"] * 3  # 20, 20, then 10 and the claim
+    assert queue.metrics("m1") == sq.Metrics(retries=50)
+
+
+def test_one_script_takes_more_claims_than_lua_unpacks(client: redis.Redis, namespace: str) -> None:
+    """batch=0: a report, an expiry and a claim's expiry of over 8,000 leases each in one script
+    (Lua unpacks about 8,000 values at most)."""
+    n = 8100
+    clock = ManualClock(START)
+    queue = sq.SenderQueue(RedisBackend(client, namespace, batch=0), clock=clock)
+    queue.enqueue_many(new_message(n=i, message_id=f"id{i}") for i in range(n))
+    minute = timedelta(minutes=1)
+    assert len(queue.claim("s1", n, lease=minute)) == n
+    clock.advance(2 * minute)
+    assert queue.claim("s1", n, lease=minute) == []  # settles the n leases: RETRIES in 5 minutes
+    assert queue.metrics("m1") == sq.Metrics(retries=n)
+    clock.advance(10 * minute)
+    assert len(queue.claim("s1", n, lease=minute)) == n
+    clock.advance(2 * minute)
+    assert queue.expire_leases() == n
+    clock.advance(20 * minute)
+    claims = queue.claim("s1", n, lease=minute)
+    assert queue.report_many([(c, sq.Delivered(code=250)) for c in claims]) == [None] * n
+    assert queue.metrics("m1") == sq.Metrics(delivered=n)
 
 
 # -- connection loss ------------------------------------------------------------------
@@ -262,6 +482,80 @@ def test_a_lost_connection_raises_backend_error_and_changes_nothing(
             direct.get("late")
         direct.deliver(claim)  # the claim survived the relay's failure
         assert direct.metrics("m1") == sq.Metrics(new=2, delivered=1)
+    finally:
+        relayed.close()
+        proxy.close()
+
+
+def _relayed(namespace: str, proxy: _Proxy, clock: ManualClock, batch: int) -> sq.SenderQueue:
+    url = f"redis://127.0.0.1:{proxy.port}/0?namespace={namespace}&cluster=false&batch={batch}&socket_timeout=10"
+    return sq.SenderQueue.open(url, clock=clock)
+
+
+def _proxy_to(client: redis.Redis) -> _Proxy:
+    kwargs = client.connection_pool.connection_kwargs
+    return _Proxy((kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379)))
+
+
+def test_a_claim_lost_between_its_scripts_keeps_earlier_batches_and_no_connection(
+    client: redis.Redis, namespace: str
+) -> None:
+    """The connection dies in the pipelined part of a claim: BackendError, the first batch stays
+    claimed (until its lease expires), and the broken connection is not handed out again."""
+    proxy = _proxy_to(client)
+    clock = ManualClock(START)
+    direct = sq.SenderQueue(RedisBackend(client, namespace), clock=clock)
+    relayed = _relayed(namespace, proxy, clock, batch=1)
+    backend = relayed.backend
+    pool = backend._pool  # type: ignore[attr-defined]
+    try:
+        relayed.enqueue_many(new_message(n=n) for n in range(3))
+        content_keys = backend._content_keys  # type: ignore[attr-defined]
+
+        def cut_first(rows: list[list[object]]) -> tuple[str, ...]:
+            proxy.cut()
+            return content_keys(rows)  # type: ignore[no-any-return]
+
+        backend._content_keys = cut_first  # type: ignore[attr-defined]
+        with pytest.raises(sq.BackendError):
+            relayed.claim("s1", 3, lease=timedelta(minutes=1))
+        assert not pool._in_use_connections
+        assert all(not c._sock for c in pool._available_connections)
+        assert direct.metrics("m1") == sq.Metrics(new=2, sending=1)
+        clock.advance(timedelta(minutes=2))
+        assert direct.expire_leases() == 1
+    finally:
+        relayed.close()
+        proxy.close()
+
+
+def test_a_report_lost_between_its_scripts_says_what_was_settled(client: redis.Redis, namespace: str) -> None:
+    proxy = _proxy_to(client)
+    clock = ManualClock(START)
+    direct = sq.SenderQueue(RedisBackend(client, namespace), clock=clock)
+    relayed = _relayed(namespace, proxy, clock, batch=2)  # settle scripts of 3 claims
+    backend = relayed.backend
+    try:
+        relayed.enqueue_many(new_message(n=n) for n in range(6))
+        claims = relayed.claim("s1", 6)
+        run = backend._run  # type: ignore[attr-defined]
+        settles: list[object] = []
+
+        def cut_second(script: object, *args: object) -> object:
+            settles.append(script)
+            if len(settles) == 2:
+                proxy.cut()
+            return run(script, *args)
+
+        backend._run = cut_second  # type: ignore[attr-defined]
+        with pytest.raises(
+            sq.BackendError, match="first 3 of 6 claims were settled, and the next 3 may have been"
+        ):
+            relayed.report_many([(c, sq.Delivered(code=250)) for c in claims])
+        assert direct.metrics("m1") == sq.Metrics(sending=3, delivered=3)
+        assert [type(r) for r in direct.report_many([(c, sq.Delivered(code=250)) for c in claims])] == [
+            sq.LeaseLost
+        ] * 3 + [type(None)] * 3
     finally:
         relayed.close()
         proxy.close()

@@ -7,6 +7,7 @@ Installed, it serves ``redis://`` and ``rediss://`` URLs through the
 ``senderqueue.backends`` entry points; :class:`RedisBackend` also wraps a client you made.
 """
 
-from ._backend import RedisBackend, key_prefix
+from ._backend import DEFAULT_BATCH, RedisBackend, key_prefix
+from ._scripts import LAYOUT
 
-__all__ = ["RedisBackend", "key_prefix"]
+__all__ = ["DEFAULT_BATCH", "LAYOUT", "RedisBackend", "key_prefix"]

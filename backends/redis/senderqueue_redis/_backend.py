@@ -1,4 +1,4 @@
-"""The Redis backend: sender queues in Redis (or Redis Cluster), one Lua script per operation."""
+"""The Redis backend: sender queues in Redis (or Redis Cluster), changed by short atomic Lua scripts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.connection import ConnectionPool
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from senderqueue import (
@@ -30,16 +31,25 @@ from senderqueue import (
     UnknownMessage,
 )
 
-from ._scripts import SCRIPTS, STATES, LuaScript
+from ._scripts import LAYOUT, SCRIPTS, STATES, LuaScript
 
-__all__ = ["RedisBackend", "key_prefix"]
+__all__ = ["DEFAULT_BATCH", "RedisBackend", "key_prefix"]
 
 Client: TypeAlias = "redis.Redis | RedisCluster"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-_PURGE_BATCH = 2000  # messages forgotten per script call, so a big purge never blocks Redis for long
-_OPTIONS = ("namespace", "cluster")  # our own URL query options; the rest go to redis-py
+_PURGE_BATCH = 200  # messages forgotten per script (about 1 ms), so a big purge never blocks Redis for long
+DEFAULT_BATCH = 20
+"""Messages a script claims or expires at most (and 1.5 times as many claims it settles), unless
+``batch=`` says otherwise.
+
+Redis runs one script at a time, so every other client (a metrics read, another worker) may wait
+for the longest one; at 20 messages a script holds Redis for about 0.13 ms. A larger claim or
+report is a sequence of such scripts, as even as can be, each atomic on its own.
+"""
+_NO_LIMIT = 2**31  # a batch this large is no limit (and a larger count is not an integer to Redis's Lua)
+_OPTIONS = ("namespace", "cluster", "batch")  # our own URL query options; the rest go to redis-py
 
 
 def _us(moment: datetime) -> int:
@@ -50,8 +60,22 @@ def _time(us: bytes | int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(us))
 
 
+def _score_time(us: bytes) -> datetime:
+    """A time a claim read as a sorted-set score: Redis 7.2+ may spell a round one ``1.7e+15``.
+
+    Scores are integers below 2**53, so the float is exact.
+    """
+    return _EPOCH + timedelta(microseconds=int(float(us)))
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _even(total: int, most: int) -> int:
+    """The size of the fewest equal parts of ``total``, none over ``most``: (100, 37) -> 34."""
+    parts = -(-total // most)
+    return -(-total // parts) if parts else most
 
 
 def key_prefix(namespace: str) -> str:
@@ -64,15 +88,15 @@ def key_prefix(namespace: str) -> str:
     return "sq:{" + quote(namespace, safe="") + "}:"
 
 
-def _policy(retry: RetryPolicy) -> list[str | int]:
-    return [
+def _policy_arguments(retry: RetryPolicy) -> tuple[str | int, ...]:
+    return (
         retry.min_backoff // _US,
         retry.max_backoff // _US,
         retry.max_attempts,
         retry.max_lifetime // _US,
         repr(retry.jitter),
         str(retry.seed),
-    ]
+    )
 
 
 _clients_lock = threading.Lock()
@@ -120,8 +144,8 @@ def _connect(base: str, cluster: bool | None) -> Client:
         raise BackendError(f"cannot connect to Redis at {base}: {error}") from error
 
 
-def _split_url(url: str) -> tuple[str, str, bool | None]:
-    """(URL for redis-py, namespace, cluster: True, False or None to ask the server)."""
+def _split_url(url: str) -> tuple[str, str, bool | None, int]:
+    """(URL for redis-py, namespace, cluster: True, False or None to ask the server, batch)."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidArgument(f"{url!r} is not a redis:// or rediss:// URL")
@@ -136,44 +160,117 @@ def _split_url(url: str) -> tuple[str, str, bool | None]:
         if flag not in ("true", "false", "1", "0", "yes", "no"):
             raise InvalidArgument(f"cluster={options['cluster']!r}: use true or false")
         cluster = flag in ("true", "1", "yes")
+    batch = options.get("batch", str(DEFAULT_BATCH))
+    if not (batch.isascii() and batch.isdigit()):  # "²" is a digit to isdigit(), not to int()
+        raise InvalidArgument(f"batch={batch!r}: use a whole number, 0 for no limit")
     rest = urlencode([q for q in query if q[0] not in _OPTIONS])
-    return urlunsplit(parts._replace(query=rest)), namespace, cluster
+    return urlunsplit(parts._replace(query=rest)), namespace, cluster, int(batch)
+
+
+def _rows(reply: list[Any]) -> list[list[Any]]:
+    """A claim script's reply, 10 fields a message."""
+    return [reply[i : i + 10] for i in range(0, len(reply), 10)]
+
+
+class _ClaimMaker:
+    """Makes the claims of a claim call from its scripts' rows and their contents."""
+
+    def __init__(self, sender: str, now: datetime, expires_at: datetime) -> None:
+        self.sender, self.now, self.expires_at = sender, now, expires_at
+        self.claims: list[Claim] = []
+        self.times: dict[bytes, datetime] = {}  # a batch enqueued together shares its times
+
+    def _time(self, score: bytes) -> datetime:
+        moment = self.times.get(score)
+        if moment is None:
+            moment = self.times[score] = _score_time(score)
+        return moment
+
+    def add(self, rows: list[list[Any]], contents: list[bytes | None]) -> None:
+        for row, content in zip(rows, contents, strict=True):
+            if content is None:
+                # Purged since its claim: the lease had expired, been settled and the message
+                # forgotten, so this claim was lost already.
+                continue
+            message_id, mailing, _, attempts, due, recipient, mail_from, error, created, token = row
+            message = Message(
+                id=message_id.decode(),
+                mailing=mailing.decode(),
+                sender=self.sender,
+                recipient=recipient.decode(),
+                mail_from=mail_from.decode(),
+                content=content,
+                state=State.SENDING,
+                frozen_from=None,
+                attempts=attempts,
+                next_attempt_at=self._time(due),
+                last_error=_text(error),
+                created_at=self._time(created),
+                updated_at=self.now,
+            )
+            self.claims.append(Claim(message=message, token=token.decode(), expires_at=self.expires_at))
 
 
 class RedisBackend:
     """Sender queues in Redis or Redis Cluster, shared by any number of processes.
 
     ``SenderQueue.open("redis://host:6379/0?namespace=shop")`` makes one from a URL
-    (``?cluster=true`` or ``false`` skips asking the server whether it is a cluster);
-    ``RedisBackend(client, namespace="shop")`` wraps a ``redis.Redis`` or
-    ``redis.cluster.RedisCluster`` you made (with ``decode_responses=False``, the default).
+    (``?cluster=true`` or ``false`` skips asking the server whether it is a cluster;
+    ``?batch=N`` sets :attr:`batch`); ``RedisBackend(client, namespace="shop")`` wraps a
+    ``redis.Redis`` or ``redis.cluster.RedisCluster`` you made (with ``decode_responses=False``,
+    the default).
 
     Every key of a namespace carries the namespace as its hash tag (see :func:`key_prefix`),
-    so each operation is one Lua script on one slot, atomic on a single server and on a cluster.
+    so each script runs on one slot, atomic on a single server and on a cluster.
 
     Attributes:
         client: the redis-py client.
         namespace: the namespace; queues of different namespaces never see each other.
+        batch: the most messages one script claims or expires, and two thirds of the most
+            claims it settles (:data:`DEFAULT_BATCH`); a larger claim, report or expiry runs as
+            several scripts, each atomic on its own, so that no client waits long behind one.
+            0: one script per call, however large.
     """
 
-    def __init__(self, client: Client, namespace: str = "default", *, _shared_url: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        namespace: str = "default",
+        *,
+        batch: int = DEFAULT_BATCH,
+        _shared_url: str | None = None,
+    ) -> None:
         if client.get_encoder().decode_responses:
             raise InvalidArgument("the Redis client must return bytes: make it with decode_responses=False")
         if not namespace:
             raise InvalidArgument("namespace must not be empty")
+        if type(batch) is not int or batch < 0:  # not a bool either
+            raise InvalidArgument(f"batch must be a whole number, 0 for no limit, not {batch!r}")
         self.client = client
         self.namespace = namespace
+        self.batch = batch
+        # What a script is given: "no limit" is a very large one, and Redis takes no larger count.
+        self._batch = min(batch or _NO_LIMIT, _NO_LIMIT)
+        # Settling a claim costs Redis about two thirds of claiming a message: settle scripts take
+        # half as many again, so that both kinds last about as long.
+        self._settle_batch = self._batch + self._batch // 2
         self._prefix = key_prefix(namespace)
         self._anchor = self._prefix + "seq"  # KEYS[1] of every script: routes it to the namespace's slot
         self._shared_url = _shared_url
         self._closed = False
+        # A client made from a URL for one Redis is driven through its pool directly (see _execute).
+        self._pool: ConnectionPool | None = None
+        if _shared_url is not None and isinstance(client, redis.Redis):
+            self._pool = client.connection_pool
+        self._policy_args: tuple[RetryPolicy, tuple[str | int, ...]] | None = None
+        self._layout_known = False  # checked by the first script: opening costs no connection
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
         """The factory behind ``redis://`` and ``rediss://``; one client per URL is shared in a process."""
-        base, namespace, cluster = _split_url(url)
+        base, namespace, cluster, batch = _split_url(url)
         client = _acquire(base, cluster)
-        return cls(client, namespace, _shared_url=base)
+        return cls(client, namespace, batch=batch, _shared_url=base)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -184,14 +281,61 @@ class RedisBackend:
         except RedisError as error:
             raise BackendError(f"Redis failed: {type(error).__name__}: {error}") from error
 
+    def _policy(self, retry: RetryPolicy) -> tuple[str | int, ...]:
+        """The policy as script arguments; a queue passes the same one every time."""
+        cached = self._policy_args
+        if cached is None or cached[0] is not retry:
+            cached = self._policy_args = (retry, _policy_arguments(retry))
+        return cached[1]
+
+    def _execute(self, *command: str | int | bytes) -> Any:
+        """Send one command and return its reply (RedisError if it fails).
+
+        A client this backend made from a URL, for one Redis, is driven through its connection
+        pool: redis-py's command path (retries, hooks, metrics) costs more per call than a small
+        script does in Redis, and all of it is off for these clients anyway.
+        """
+        pool = self._pool
+        if pool is None:
+            return self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        connection = pool.get_connection()
+        try:
+            connection.send_command(*command)  # type: ignore[no-untyped-call]
+            return connection.read_response()
+        except ResponseError:
+            raise  # an error reply: the connection is still in step
+        except BaseException:
+            # A reply may be on its way: never reuse this connection.
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(connection)
+
+    def _check_layout(self) -> None:
+        """Refuse a namespace written in another key layout (see ``LAYOUT``); mark a new one."""
+        self._layout_known = True  # the script below runs through _run too
+        try:
+            found = int(self._run(SCRIPTS["layout"], LAYOUT))
+        except BaseException:
+            self._layout_known = False
+            raise
+        if found != LAYOUT:
+            self._layout_known = False
+            raise BackendError(
+                f"namespace {self.namespace!r} holds keys of layout {found}, and this senderqueue-redis "
+                f"reads layout {LAYOUT}: drain it with the version that wrote it, or destroy() it"
+            )
+
     def _run(self, script: LuaScript, *args: str | int | bytes) -> Any:
+        if not self._layout_known:
+            self._check_layout()
         with self._translated():
             try:
-                return self.client.evalsha(script.sha, 1, self._anchor, self._prefix, *args)
+                return self._execute("EVALSHA", script.sha, 1, self._anchor, self._prefix, *args)
             except NoScriptError:
-                # NOSCRIPT means it did not run: load it (on every node of a cluster) and run it once.
-                self.client.script_load(script.source)
-                return self.client.evalsha(script.sha, 1, self._anchor, self._prefix, *args)
+                # NOSCRIPT means it did not run (the cache was flushed, or Redis restarted): run it
+                # by its source, which also caches it, whatever another client flushes meanwhile.
+                return self._execute("EVAL", script.source, 1, self._anchor, self._prefix, *args)
 
     # -- changes --------------------------------------------------------------------
 
@@ -218,50 +362,116 @@ class RedisBackend:
     def claim(
         self, sender: str, limit: int, lease: timedelta, now: datetime, retry: RetryPolicy
     ) -> list[Claim]:
-        """Settle the sender's expired leases, then claim its oldest due messages, in one script."""
+        """Settle the sender's expired leases, then claim its oldest due messages.
+
+        Expired leases are settled :attr:`batch` to a script (whatever ``limit``), until none is
+        left; the last of those scripts goes on to claim. A script claims at most :attr:`batch`
+        messages (oldest first, atomically); a larger ``limit`` takes them a batch at a time until
+        it has ``limit`` or none is left. The contents never change and are keyed by enqueue seq
+        (so what is read is always the claimed message's own): they are read natively (MGET), each
+        batch's in the round trip of the next script, while the messages of the batch before are
+        made.
+        """
         expires_at = now + lease
-        reply = self._run(SCRIPTS["claim"], _us(now), sender, limit, _us(expires_at), *_policy(retry))
-        claims = []
-        for i in range(0, len(reply), 10):
-            message_id, mailing, recipient, mail_from, content, attempts, due, error, created, token = reply[
-                i : i + 10
-            ]
-            message = Message(
-                id=message_id.decode(),
-                mailing=mailing.decode(),
-                sender=sender,
-                recipient=recipient.decode(),
-                mail_from=mail_from.decode(),
-                content=content,
-                state=State.SENDING,
-                frozen_from=None,
-                attempts=attempts,
-                next_attempt_at=_time(due),
-                last_error=_text(error),
-                created_at=_time(created),
-                updated_at=now,
-            )
-            claims.append(Claim(message=message, token=token.decode(), expires_at=expires_at))
-        return claims
+        head = (_us(now), sender)
+        tail = (_us(expires_at), *self._policy(retry))
+        size = _even(limit, self._batch)
+        want = min(limit, size)
+        reply: Any = -1
+        while reply == -1:  # -1: it settled a batch of expired leases, and more may be left
+            reply = self._run(SCRIPTS["claim"], *head, want, *tail, self._batch)
+        rows = _rows(reply)
+        taken = len(rows)
+        more = taken == want < limit
+        made = _ClaimMaker(sender, now, expires_at)
+        pool = self._pool
+        if pool is None:
+            while more:
+                want = min(limit - taken, size)
+                batch = _rows(self._run(SCRIPTS["claim"], *head, want, *tail, 0))
+                rows += batch
+                taken += len(batch)
+                more = len(batch) == want and taken < limit
+            if rows:
+                with self._translated():
+                    made.add(rows, self._execute(*self._content_keys(rows)))
+            return made.claims
+        script = SCRIPTS["claim"]
+        with self._translated():
+            connection = pool.get_connection()
+            try:
+                read: tuple[list[list[Any]], list[bytes | None]] | None = None
+                while rows:
+                    want = min(limit - taken, size) if more else 0
+                    commands: list[tuple[str | int | bytes, ...]] = [self._content_keys(rows)]
+                    if want:
+                        commands.append(self._script_call(script, *head, want, *tail, 0))
+                    packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
+                    connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                    if read is not None:
+                        made.add(*read)  # while Redis works
+                    read = (rows, connection.read_response())
+                    rows = []
+                    if want:
+                        try:
+                            reply = connection.read_response()
+                        except NoScriptError:  # flushed meanwhile: it did not run
+                            by_source = ("EVAL", script.source, *commands[1][2:])
+                            connection.send_command(*by_source)  # type: ignore[no-untyped-call]
+                            reply = connection.read_response()
+                        rows = _rows(reply)
+                        taken += len(rows)
+                        more = len(rows) == want and taken < limit
+            except BaseException:
+                # Replies may be on their way: never reuse this connection.
+                connection.disconnect()  # type: ignore[no-untyped-call]
+                raise
+            finally:
+                pool.release(connection)
+        if read is not None:
+            made.add(*read)
+        return made.claims
+
+    def _script_call(self, script: LuaScript, *args: str | int | bytes) -> tuple[str | int | bytes, ...]:
+        return ("EVALSHA", script.sha, 1, self._anchor, self._prefix, *args)
+
+    def _content_keys(self, rows: list[list[Any]]) -> tuple[str, ...]:
+        """MGET of the content keys that claimed rows name by seq."""
+        key = self._prefix + "b:"
+        return ("MGET", *[key + str(row[2]) for row in rows])
 
     def settle(
         self, settlements: Sequence[Settlement], now: datetime, retry: RetryPolicy
     ) -> list[LeaseLost | None]:
-        """Settle every claim of the batch in one script."""
-        args: list[str | int | bytes] = [_us(now), *_policy(retry)]
-        for settlement in settlements:
-            error = settlement.error
-            args += [
-                settlement.claim.message.id,
-                settlement.claim.token,
-                settlement.trigger.value,
-                "" if error is None else "=" + error,
+        """Settle the claims, up to 1.5 times :attr:`batch` a script, each script atomic on its own.
+
+        If Redis fails after a batch, the claims of the batches before it are settled (and those
+        of the failed one may be, if only its reply was lost); reporting them again meets
+        ``LeaseLost``.
+        """
+        head: list[str | int] = [_us(now), *self._policy(retry)]
+        results: list[LeaseLost | None] = []
+        size = _even(len(settlements), self._settle_batch)
+        for start in range(0, len(settlements), size):
+            batch = settlements[start : start + size]
+            args = list(head)
+            for claim, trigger, error in batch:
+                # A Trigger is a str: its value goes to Redis as it is.
+                args += (claim.message.id, claim.token, trigger, "" if error is None else "=" + error)
+            try:
+                reply = self._run(SCRIPTS["settle"], *args)
+            except BackendError as failure:
+                if not results:
+                    raise
+                # The failed script may have run too, if only its reply was lost.
+                raise BackendError(
+                    f"{failure} (the first {len(results)} of {len(settlements)} claims were settled,"
+                    f" and the next {len(batch)} may have been)"
+                ) from failure
+            results += [
+                LeaseLost(s.claim.message.id) if lost else None for s, lost in zip(batch, reply, strict=True)
             ]
-        reply = self._run(SCRIPTS["settle"], *args)
-        return [
-            LeaseLost(s.claim.message.id) if lost else None
-            for s, lost in zip(settlements, reply, strict=True)
-        ]
+        return results
 
     def renew(self, claim: Claim, lease: timedelta, now: datetime) -> Claim:
         """Extend a valid claim's lease; raises ``LeaseLost``."""
@@ -271,9 +481,13 @@ class RedisBackend:
         return Claim(message=claim.message, token=claim.token, expires_at=expires_at)
 
     def expire_leases(self, now: datetime, retry: RetryPolicy) -> int:
-        """Settle every sender's expired leases in one script."""
-        settled: int = self._run(SCRIPTS["expire"], _us(now), *_policy(retry))
-        return settled
+        """Settle every sender's expired leases, :attr:`batch` to a script."""
+        settled = 0
+        while True:
+            count, more = self._run(SCRIPTS["expire"], _us(now), *self._policy(retry), self._batch)
+            settled += int(count)
+            if not more:
+                return settled
 
     def freeze(self, mailing: str, sender: str | None, now: datetime) -> int:
         """Set the frozen flag of the sender queue(s), and of the mailing if no sender is named."""

@@ -10,21 +10,26 @@ after a type tag that contains no ``:`` (so no id can spell another key):
 =====================  ======  =========================================================
 key                    type    holds
 =====================  ======  =========================================================
+``P layout``           string  the layout of the namespace's keys: :data:`LAYOUT`
 ``P seq / tok / qn``   string  counters: enqueue order, claim tokens, sender queue numbers
 ``P mg:<mailing>``     hash    sender -> sender queue number
 ``P frozen``           set     mailings frozen as a whole (later sender queues start frozen)
 ``P q:<n>``            hash    a sender queue: mailing, sender, frozen flag, clear epoch,
                                the counters, and the time each epoch was cleared
 ``P z:<n>``            zset    its NEW and RETRIES messages of this epoch, scored by next
-                               attempt time, member = 16-digit enqueue seq + message id
+                               attempt time; member = 16-digit enqueue seq, state, attempts,
+                               then id, recipient and mail_from, each after a newline
 ``P zc:<n>:<epoch>``   zset    what a clear left behind (for purge), renamed from ``z:``
 ``P cleared``          zset    ``<n>:<epoch>`` by clear time
 ``P sq:<sender>``      set     the sender's queue numbers
+``P c``                hash    SENDING messages: id -> ``token:queue:claimed from:attempts:
+                               claimed at``; a message is SENDING exactly while it is here
 ``P l:<sender>``       zset    the sender's valid leases: message id by expiry time
 ``P senders``          set     senders with queues (``expire_leases`` walks them)
-``P m:<id>``           hash    a message, without its content
-``P b:<id>``           string  its content
-``P done``             zset    terminal message ids by the time they became terminal
+``P m:<id>``           hash    a message as it was last queued or ended (not while SENDING)
+``P b:<seq>``          string  a message's content, by its enqueue seq
+``P done``             zset    batches of terminal messages by the time they became terminal
+``P dl:<n> / dn``      list    a batch's message ids / string: the batch counter
 =====================  ======  =========================================================
 """
 
@@ -37,7 +42,13 @@ import attrs
 
 from senderqueue import LIFECYCLE, State, Trigger
 
-__all__ = ["CODES", "SCRIPTS", "STATES", "LuaScript"]
+__all__ = ["CODES", "LAYOUT", "SCRIPTS", "STATES", "LuaScript"]
+
+LAYOUT: Final = 2
+"""The layout of the keys below; a namespace written in another one is refused, never misread.
+
+Layout 1 (no ``layout`` key) kept contents in the message hashes and had no claims hash ``c``.
+"""
 
 CODES: Final = {
     State.NEW: "n",
@@ -72,15 +83,65 @@ def _lifecycle_tables() -> str:
     return f"local LEAVE = {{\n  {leave}\n}}\nlocal CLAIMABLE = {_lua_set(frozenset(claimable))}\n"
 
 
-_PRELUDE = r"""
+# The prelude is split so that each script carries only the functions it calls: Redis runs a
+# script's whole text on every call, and each function defined costs a closure.
+_BASE = r"""
 local P = ARGV[1]
 local function I(x) return string.format('%d', x) end
 local function qkey(qid) return P .. 'q:' .. qid end
 local function zkey(qid) return P .. 'z:' .. qid end
 local function mkey(id) return P .. 'm:' .. id end
-local function bkey(id) return P .. 'b:' .. id end
+-- Content is keyed by the enqueue seq, which no other message ever has: a claim can read it after
+-- its script, and a key it finds is its own message's.
+local function bkey(seq) return P .. 'b:' .. seq end
 local function lkey(sender) return P .. 'l:' .. sender end
-local function member(seq, id) return string.format('%016d', seq) .. id end
+-- A queued message's member in its queue's sorted set: its 16-digit enqueue seq (so equal times
+-- order by enqueue order), its state and attempts, then its id, recipient and mail_from, each after
+-- a newline (none of them may hold one). A claim takes what it returns of a message from its
+-- member and its score, and never reads the message hash.
+local function member(seq, state, attempts, id, recipient, mail_from)
+  return table.concat({string.format('%016d', seq) .. state .. attempts, id, recipient, mail_from}, '\n')
+end
+-- seq, state, attempts, id, recipient, mail_from of a member
+local function parse_member(m)
+  local seq, state, attempts, id, recipient, mail_from =
+    string.match(m, '^(%d+)(%a)(%d+)\n([^\n]*)\n([^\n]*)\n(.*)$')
+  return tonumber(seq), state, tonumber(attempts), id, recipient, mail_from
+end
+local function in_chunks(command, key, items)
+  for i = 1, #items, 1000 do
+    redis.call(command, key, unpack(items, i, math.min(i + 999, #items)))
+  end
+end
+"""
+
+_QUEUE_OF = r"""
+-- The sender queue (mailing, sender), made if asked: it starts frozen if its mailing is.
+local function queue_of(mailing, sender, now, create)
+  local qid = redis.call('HGET', P .. 'mg:' .. mailing, sender)
+  if qid or not create then return qid end
+  qid = I(redis.call('INCR', P .. 'qn'))
+  local frozen = redis.call('SISMEMBER', P .. 'frozen', mailing)
+  redis.call('HSET', P .. 'mg:' .. mailing, sender, qid)
+  redis.call('HSET', qkey(qid), 'm', mailing, 's', sender, 'fz', frozen, 'ch', now, 'ep', 0,
+             'n', 0, 'r', 0, 'sd', 0, 'd', 0, 'f', 0, 'x', 0)
+  redis.call('SADD', P .. 'sq:' .. sender, qid)
+  redis.call('SADD', P .. 'senders', sender)
+  return qid
+end
+"""
+
+_SETTLING = r"""
+-- HMGET of any number of fields: Lua unpacks at most about 8000 values at once.
+local function hmget(key, fields)
+  if #fields <= 1000 then return redis.call('HMGET', key, unpack(fields)) end
+  local values = {}
+  for i = 1, #fields, 1000 do
+    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + 999, #fields)))
+    for j = 1, #part do values[#values + 1] = part[j] end
+  end
+  return values
+end
 
 -- RetryPolicy, from ARGV[i .. i+5]: min_backoff, max_backoff (us), max_attempts,
 -- max_lifetime (us), jitter, seed: the same arithmetic as senderqueue._retry.
@@ -115,32 +176,17 @@ local function exhausted(policy, attempts, created, now)
   return attempts >= policy.attempts or now - created >= policy.life
 end
 
--- The sender queue (mailing, sender), made if asked: it starts frozen if its mailing is.
-local function queue_of(mailing, sender, now, create)
-  local qid = redis.call('HGET', P .. 'mg:' .. mailing, sender)
-  if qid or not create then return qid end
-  qid = I(redis.call('INCR', P .. 'qn'))
-  local frozen = redis.call('SISMEMBER', P .. 'frozen', mailing)
-  redis.call('HSET', P .. 'mg:' .. mailing, sender, qid)
-  redis.call('HSET', qkey(qid), 'm', mailing, 's', sender, 'fz', frozen, 'ch', now, 'ep', 0,
-             'n', 0, 'r', 0, 'sd', 0, 'd', 0, 'f', 0, 'x', 0)
-  redis.call('SADD', P .. 'sq:' .. sender, qid)
-  redis.call('SADD', P .. 'senders', sender)
-  return qid
-end
+local now_text = ARGV[2]  -- every settling script takes now (us) as ARGV[2]
 
 -- Writes that many messages share, gathered during a script and made once at its end by flush():
--- counter deltas per sender queue, lease removals per sender, new terminal messages.
-local deltas, unleased, finished = {}, {}, {}
+-- counter deltas per sender queue, lease removals per sender, claims ended, new terminal
+-- messages (which all became terminal at now: they are kept for purge as one batch, a list,
+-- filed by that time).
+local deltas, unleased, ended, finished = {}, {}, {}, {}
 local function count(qid, field, n)
   local d = deltas[qid]
   if not d then d = {}; deltas[qid] = d end
   d[field] = (d[field] or 0) + n
-end
-local function in_chunks(command, key, items)
-  for i = 1, #items, 1000 do
-    redis.call(command, key, unpack(items, i, math.min(i + 999, #items)))
-  end
 end
 local function flush()
   for qid, d in pairs(deltas) do
@@ -149,13 +195,18 @@ local function flush()
     end
   end
   for sender, ids in pairs(unleased) do in_chunks('ZREM', lkey(sender), ids) end
-  if #finished > 0 then in_chunks('ZADD', P .. 'done', finished) end
-  deltas, unleased, finished = {}, {}, {}
+  if #ended > 0 then in_chunks('HDEL', P .. 'c', ended) end
+  if #finished > 0 then
+    local batch = redis.call('INCR', P .. 'dn')
+    in_chunks('RPUSH', P .. 'dl:' .. batch, finished)
+    redis.call('ZADD', P .. 'done', now_text, batch)
+  end
+  deltas, unleased, ended, finished = {}, {}, {}, {}
 end
 
--- What a settling script needs of a sender queue; its flag and epoch do not change during it.
+-- What a settling script needs of a sender queue (clear epoch, frozen flag, sender); neither the
+-- flag nor the epoch changes during it.
 local queue_cache = {}
-local now_text = {}  -- now, formatted once per script
 local function queue_state(qid)
   local q = queue_cache[qid]
   if not q then
@@ -165,36 +216,44 @@ local function queue_state(qid)
   return q
 end
 
--- The fields leave() needs, read in one call; holds() checks the first two.
-local LEAVING = {'st', 't', 'q', 'cf', 'a', 'ca', 'e', 'sq', 'na'}
+-- A claim record (the value in P c): token, sender queue, claimed from, attempts, claimed at.
+local function parse_claim(record)
+  local token, qid, from, attempts = string.match(record, '^(%d+):(%d+):(%a):(%d+):')
+  return token, qid, from, tonumber(attempts)
+end
 
--- A SENDING message leaves by `trigger`, with the precedence of _lifecycle.leave_sending.
--- `r` is HMGET of LEAVING.
-local function leave(id, r, trigger, err, now, policy)
-  local qid, claimed_from, attempts, created = r[3], r[4], tonumber(r[5]), tonumber(r[6])
+-- The SENDING message `id`, whose claim record says (qid, from, attempts), leaves by `trigger`,
+-- with the precedence of _lifecycle.leave_sending. A verdict (deliver, hard_bounce) needs nothing
+-- more of the message; the other triggers read what decides their way in one more call.
+local function leave(id, qid, from, attempts, trigger, err, now, policy)
   local q = queue_state(qid)
-  local cleared = r[7] ~= q[1]
-  local next_at = false
-  if (trigger == 'soft_bounce' or trigger == 'expire') and not cleared
-      and not exhausted(policy, attempts, created, now) then
-    next_at = now + backoff(policy, attempts, id)
-  end
-  local dest, frozen_from = nil, false
+  local mk = mkey(id)
+  local dest, back, due, seq, retry_at, recipient, mail_from
   if trigger == 'deliver' then
     dest = 'd'
   elseif trigger == 'hard_bounce' then
     dest = 'f'
-  elseif cleared then
-    dest = 'x'
   else
-    local retried = trigger == 'soft_bounce' or trigger == 'expire'
-    local back = retried and 'r' or claimed_from
-    if retried and not next_at then
+    local r = redis.call('HMGET', mk, 'ca', 'e', 'sq', 'na', 'rc', 'mf')
+    local retried = trigger ~= 'release'
+    if not retried then
+      attempts = attempts - 1  -- a release does not count the attempt
+      err = false  -- nor does it record an error (so a NEW message never has one)
+    end
+    if r[2] ~= q[1] then
+      dest = 'x'  -- cleared since its claim
+    elseif retried and exhausted(policy, attempts, tonumber(r[1]), now) then
       dest = 'f'
-    elseif q[2] == '1' then
-      dest, frozen_from = 'z', back
     else
-      dest = back
+      due, seq, recipient, mail_from = r[4], tonumber(r[3]), r[5], r[6]
+      if retried then
+        back = 'r'
+        due = I(now + backoff(policy, attempts, id))
+        retry_at = due
+      else
+        back = from
+      end
+      dest = q[2] == '1' and 'z' or back
     end
   end
   if not LEAVE[trigger][dest] then
@@ -203,45 +262,37 @@ local function leave(id, r, trigger, err, now, policy)
   local gone = unleased[q[3]]
   if not gone then gone = {}; unleased[q[3]] = gone end
   gone[#gone + 1] = id
-  -- The stale token and expiry stay in the hash: nothing trusts them unless the state is SENDING.
-  local stamp = now_text[now]
-  if not stamp then stamp = I(now); now_text[now] = stamp end
-  local fields = {'ua', stamp}
-  if err then fields[#fields + 1] = 'le'; fields[#fields + 1] = err end
-  if trigger == 'release' then
-    fields[#fields + 1] = 'a'; fields[#fields + 1] = I(attempts - 1)
-  end
+  ended[#ended + 1] = id
   count(qid, 'sd', -1)
-  local back = frozen_from or dest
-  if back == 'n' or back == 'r' then
-    local due = r[9]
-    if next_at then
-      due = I(next_at)
-      fields[#fields + 1] = 'na'; fields[#fields + 1] = due
-    end
-    fields[#fields + 1] = 'st'; fields[#fields + 1] = back
+  if back then
     count(qid, back, 1)
-    redis.call('ZADD', zkey(qid), due, member(tonumber(r[8]), id))
+    redis.call('ZADD', zkey(qid), due, member(seq, back, attempts, id, recipient, mail_from))
+    dest = back  -- FROZEN is derived from the queue's flag
   else
-    fields[#fields + 1] = 'st'; fields[#fields + 1] = dest
     count(qid, dest, 1)
-    finished[#finished + 1] = now
     finished[#finished + 1] = id
   end
-  redis.call('HSET', mkey(id), unpack(fields))
+  if retry_at and err then
+    redis.call('HSET', mk, 'st', dest, 'a', attempts, 'ua', now_text, 'na', retry_at, 'le', err)
+  elseif retry_at then
+    redis.call('HSET', mk, 'st', dest, 'a', attempts, 'ua', now_text, 'na', retry_at)
+  elseif err then
+    redis.call('HSET', mk, 'st', dest, 'a', attempts, 'ua', now_text, 'le', err)
+  else
+    redis.call('HSET', mk, 'st', dest, 'a', attempts, 'ua', now_text)
+  end
 end
 
-local function expire_sender(sender, now, policy)
-  local ids = redis.call('ZRANGEBYSCORE', lkey(sender), '-inf', now)
-  for _, id in ipairs(ids) do
-    leave(id, redis.call('HMGET', mkey(id), unpack(LEAVING)), 'expire', 'lease expired', now, policy)
+-- Settle up to `bound` of the sender's expired leases; returns how many it settled.
+local function expire_some(sender, now, policy, bound)
+  local ids = redis.call('ZRANGEBYSCORE', lkey(sender), '-inf', now, 'LIMIT', 0, bound)
+  if #ids == 0 then return 0 end
+  local records = hmget(P .. 'c', ids)
+  for i, id in ipairs(ids) do
+    local _, qid, from, attempts = parse_claim(records[i])
+    leave(id, qid, from, attempts, 'expire', 'lease expired', now, policy)
   end
   return #ids
-end
-
-local function holds(id, token)
-  local r = redis.call('HMGET', mkey(id), 'st', 't')
-  return r[1] == 's' and r[2] == token
 end
 """
 
@@ -268,10 +319,11 @@ for i = 0, count - 1 do
     added[qid] = 0
   end
   seq = seq + 1
-  redis.call('HSET', mkey(id), 'q', q[1], 'rc', ARGV[base + 3], 'mf', ARGV[base + 4], 'st', 'n',
-             'a', 0, 'na', now, 'sq', I(seq), 'e', q[2], 'ca', now, 'ua', now)
-  redis.call('SET', bkey(id), ARGV[base + 5])
-  redis.call('ZADD', zkey(q[1]), now, member(seq, id))
+  local recipient, mail_from = ARGV[base + 3], ARGV[base + 4]
+  redis.call('HSET', mkey(id), 'q', q[1], 'rc', recipient, 'mf', mail_from, 'st', 'n', 'a', 0,
+             'na', now, 'sq', I(seq), 'e', q[2], 'ca', now, 'ua', now)
+  redis.call('SET', bkey(I(seq)), ARGV[base + 5])
+  redis.call('ZADD', zkey(q[1]), now, member(seq, 'n', 0, id, recipient, mail_from))
   added[q[1]] = added[q[1]] + 1
 end
 for qid, n in pairs(added) do redis.call('HINCRBY', qkey(qid), 'n', n) end
@@ -279,58 +331,99 @@ return {'ok'}
 """
 
 _CLAIM = r"""
--- ARGV: P, now, sender, limit, expires_at, policy (6)
+-- ARGV: P, now, sender, limit, expires_at, policy (6), bound: first settle up to that many of the
+-- sender's expired leases (0: none). Returns -1 if it settled `bound` of them and claimed nothing
+-- (call it again), else 10 fields per claimed message. Its content is read by the caller natively
+-- (MGET of the keys the seqs name), which costs Redis far less than carrying it through Lua.
 local now, sender, limit, expires_at = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
-expire_sender(sender, now, policy_at(6))
-local candidates = {}
-local qids = redis.call('SMEMBERS', P .. 'sq:' .. sender)
-for _, qid in ipairs(qids) do
-  if redis.call('HGET', qkey(qid), 'fz') == '0' then
+local bound = tonumber(ARGV[12])
+if bound > 0 then
+  local settled = expire_some(sender, now, policy_at(6), bound)
+  -- Written before claiming: a lease settled back to a queue with a zero wait is due now, and a
+  -- flush after its new claim would delete that claim's record and lease.
+  flush()
+  if settled == bound then return -1 end
+end
+local members, scores, queues = {}, {}, {}  -- what to take, oldest first
+local lists, names = {}, {}
+for _, qid in ipairs(redis.call('SMEMBERS', P .. 'sq:' .. sender)) do
+  local q = redis.call('HMGET', qkey(qid), 'fz', 'm')
+  if q[1] == '0' then
     local due = redis.call('ZRANGEBYSCORE', zkey(qid), '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
-    for j = 1, #due, 2 do
-      candidates[#candidates + 1] = {tonumber(due[j + 1]), due[j], qid}
-    end
+    if #due > 0 then lists[#lists + 1] = {qid, due}; names[qid] = q[2] end
   end
 end
-if #qids > 1 then
+if #lists == 1 then
+  local qid, due = lists[1][1], lists[1][2]
+  for j = 1, #due, 2 do
+    members[#members + 1] = due[j]; scores[#scores + 1] = due[j + 1]; queues[#queues + 1] = qid
+  end
+elseif #lists > 1 then
   -- Merge the queues' heads: next attempt time, then enqueue order (the member's fixed-width prefix).
+  local candidates = {}
+  for _, list in ipairs(lists) do
+    local due = list[2]
+    for j = 1, #due, 2 do
+      candidates[#candidates + 1] = {tonumber(due[j + 1]), due[j], list[1], due[j + 1]}
+    end
+  end
   table.sort(candidates, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+  for i = 1, math.min(limit, #candidates) do
+    local c = candidates[i]
+    members[i] = c[2]; scores[i] = c[4]; queues[i] = c[3]
+  end
 end
-local taken = math.min(limit, #candidates)
+local taken = #members
 if taken == 0 then flush(); return {} end
-local token = redis.call('INCRBY', P .. 'tok', taken) - taken
-local out, names, heads, leases = {}, {}, {}, {}
+-- Check every member before writing anything, so a broken invariant changes nothing.
+local parsed = {}
 for i = 1, taken do
-  local c = candidates[i]
-  local qid, id = c[3], string.sub(c[2], 17)
+  local seq, state, attempts, id, recipient, mail_from = parse_member(members[i])
+  if not CLAIMABLE[state] then
+    return redis.error_reply('senderqueue: cannot claim a message in ' .. tostring(state))
+  end
+  parsed[i] = {seq, state, attempts, id, recipient, mail_from}
+end
+local token = redis.call('INCRBY', P .. 'tok', taken) - taken
+local out, records, leases, heads = {}, {}, {}, {}
+for i = 1, taken do
+  local m, qid = parsed[i], queues[i]
+  local seq, state, id = m[1], m[2], m[4]
+  local attempts = m[3] + 1
+  local token_text = I(token + i)
+  -- The message hash is left as it was: the claim record says it is SENDING.
+  records[2 * i - 1] = id
+  records[2 * i] = token_text .. ':' .. qid .. ':' .. state .. ':' .. attempts .. ':' .. ARGV[2]
+  leases[2 * i - 1] = expires_at
+  leases[2 * i] = id
   -- What a queue gives is always its first members, so they are removed by rank below.
   heads[qid] = (heads[qid] or 0) + 1
-  local mk = mkey(id)
-  local r = redis.call('HMGET', mk, 'st', 'a', 'rc', 'mf', 'na', 'le', 'ca')
-  if not CLAIMABLE[r[1]] then return redis.error_reply('senderqueue: cannot claim a message in ' .. r[1]) end
-  local attempts = tonumber(r[2]) + 1
-  token = token + 1
-  local token_text = I(token)
-  redis.call('HSET', mk, 'st', 's', 'cf', r[1], 'a', attempts, 't', token_text, 'x', expires_at,
-             'ua', ARGV[2])
-  leases[#leases + 1] = expires_at
-  leases[#leases + 1] = id
-  count(qid, r[1], -1)
-  count(qid, 'sd', 1)
-  local name = names[qid]
-  if not name then name = redis.call('HGET', qkey(qid), 'm'); names[qid] = name end
-  out[#out + 1] = id
-  out[#out + 1] = name
-  out[#out + 1] = r[3]
-  out[#out + 1] = r[4]
-  out[#out + 1] = redis.call('GET', bkey(id))
-  out[#out + 1] = attempts
-  out[#out + 1] = r[5]
-  out[#out + 1] = r[6]
-  out[#out + 1] = r[7]
-  out[#out + 1] = token_text
+  count(qid, state, -1)
+  local o = 10 * (i - 1)
+  out[o + 1] = id
+  out[o + 2] = names[qid]
+  out[o + 3] = seq  -- names its content key
+  out[o + 4] = attempts
+  out[o + 5] = scores[i]  -- its next attempt time is its score
+  out[o + 6] = m[5]
+  out[o + 7] = m[6]
+  if state == 'n' then
+    -- A NEW message was never attempted (a release records no error) and waits for the time
+    -- it was enqueued at (a release keeps it).
+    out[o + 8] = false
+    out[o + 9] = scores[i]
+  else
+    local r = redis.call('HMGET', mkey(id), 'le', 'ca')
+    out[o + 8] = r[1]
+    out[o + 9] = r[2]
+  end
+  out[o + 10] = token_text
 end
-for qid, k in pairs(heads) do redis.call('ZREMRANGEBYRANK', zkey(qid), 0, k - 1) end
+for qid, k in pairs(heads) do
+  redis.call('ZREMRANGEBYRANK', zkey(qid), 0, k - 1)
+  count(qid, 'sd', k)
+end
+in_chunks('HSET', P .. 'c', records)
 in_chunks('ZADD', lkey(sender), leases)
 flush()
 return out
@@ -340,15 +433,22 @@ _SETTLE = r"""
 -- ARGV: P, now, policy (6), then per claim: id, token, trigger, error ('' for none, else '=' .. error)
 local now = tonumber(ARGV[2])
 local policy = policy_at(3)
-local out = {}
-for i = 9, #ARGV, 4 do
-  local id, token, trigger, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local r = redis.call('HMGET', mkey(id), unpack(LEAVING))
-  if r[1] == 's' and r[2] == token then
-    leave(id, r, trigger, err ~= '' and string.sub(err, 2) or false, now, policy)
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = 1
+local ids = {}
+for i = 9, #ARGV, 4 do ids[#ids + 1] = ARGV[i] end
+local records = hmget(P .. 'c', ids)
+local out, settled = {}, {}
+for j, id in ipairs(ids) do
+  local i = 5 + 4 * j
+  local record = records[j]
+  out[j] = 1
+  if record and not settled[id] then
+    local token, qid, from, attempts = parse_claim(record)
+    if token == ARGV[i + 1] then
+      local err = ARGV[i + 3]
+      leave(id, qid, from, attempts, ARGV[i + 2], err ~= '' and string.sub(err, 2) or false, now, policy)
+      settled[id] = true  -- the same claim twice in one report: the second one meets LeaseLost
+      out[j] = 0
+    end
   end
 end
 flush()
@@ -358,22 +458,24 @@ return out
 _RENEW = r"""
 -- ARGV: P, id, token, expires_at
 local id, token, expires_at = ARGV[2], ARGV[3], ARGV[4]
-if not holds(id, token) then return 0 end
-local mk = mkey(id)
-redis.call('HSET', mk, 'x', expires_at)
-local sender = redis.call('HGET', qkey(redis.call('HGET', mk, 'q')), 's')
-redis.call('ZADD', lkey(sender), expires_at, id)
+local record = redis.call('HGET', P .. 'c', id)
+if not record then return 0 end
+local held, qid = string.match(record, '^(%d+):(%d+):')
+if held ~= token then return 0 end
+-- The lease's expiry lives in the sender's lease set only.
+redis.call('ZADD', lkey(redis.call('HGET', qkey(qid), 's')), expires_at, id)
 return 1
 """
 
 _EXPIRE = r"""
--- ARGV: P, now, policy (6)
-local now, policy, settled = tonumber(ARGV[2]), policy_at(3), 0
+-- ARGV: P, now, policy (6), bound. Settles up to `bound` expired leases; returns {settled, more}.
+local now, policy, bound, settled = tonumber(ARGV[2]), policy_at(3), tonumber(ARGV[9]), 0
 for _, sender in ipairs(redis.call('SMEMBERS', P .. 'senders')) do
-  settled = settled + expire_sender(sender, now, policy)
+  settled = settled + expire_some(sender, now, policy, bound - settled)
+  if settled >= bound then flush(); return {settled, 1} end
 end
 flush()
-return settled
+return {settled, 0}
 """
 
 _SET_FROZEN = r"""
@@ -426,26 +528,30 @@ _PURGE = r"""
 -- ARGV: P, older_than (us), batch. Returns {purged, more}.
 local older, left = '(' .. ARGV[2], tonumber(ARGV[3])
 local purged = 0
-local ids = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', older, 'LIMIT', 0, left)
-for _, id in ipairs(ids) do
-  local r = redis.call('HMGET', mkey(id), 'q', 'st')
-  if r[1] then
-    redis.call('HINCRBY', qkey(r[1]), r[2], -1)
-    redis.call('DEL', mkey(id), bkey(id))
-    purged = purged + 1
+for _, batch in ipairs(redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', older, 'LIMIT', 0, left)) do
+  local list = P .. 'dl:' .. batch
+  local ids = redis.call('LRANGE', list, 0, left - 1)
+  for _, id in ipairs(ids) do
+    local r = redis.call('HMGET', mkey(id), 'q', 'st', 'sq')
+    if r[1] then
+      redis.call('HINCRBY', qkey(r[1]), r[2], -1)
+      redis.call('DEL', mkey(id), bkey(r[3]))
+      purged = purged + 1
+    end
   end
-  redis.call('ZREM', P .. 'done', id)
+  redis.call('LTRIM', list, #ids, -1)
+  left = left - #ids
+  if redis.call('EXISTS', list) == 0 then redis.call('ZREM', P .. 'done', batch) end
+  if left <= 0 then return {purged, 1} end
 end
-left = left - #ids
-if left <= 0 then return {purged, 1} end
 local batches = redis.call('ZRANGEBYSCORE', P .. 'cleared', '-inf', older, 'LIMIT', 0, left)
 for _, batch in ipairs(batches) do
   local zk = P .. 'zc:' .. batch
   local qid = string.match(batch, '^(%d+):')
   local members = redis.call('ZRANGE', zk, 0, left - 1)
   for _, m in ipairs(members) do
-    local id = string.sub(m, 17)
-    if redis.call('DEL', mkey(id), bkey(id)) > 0 then
+    local seq, _, _, id = parse_member(m)
+    if redis.call('DEL', mkey(id), bkey(I(seq))) > 0 then
       redis.call('HINCRBY', qkey(qid), 'x', -1)
       purged = purged + 1
     end
@@ -477,22 +583,27 @@ return out
 """
 
 _GET = r"""
--- ARGV: P, id. The message with its effective state derived from its queue's flag and epoch.
+-- ARGV: P, id. The message with its effective state derived from its claim record, or its queue's
+-- flag and epoch.
 local id = ARGV[2]
-local r = redis.call('HMGET', mkey(id), 'q', 'rc', 'mf', 'st', 'a', 'na', 'le', 'ca', 'ua', 'e')
+local r = redis.call('HMGET', mkey(id), 'q', 'st', 'a', 'na', 'le', 'ua', 'e', 'sq', 'rc', 'mf', 'ca')
 if not r[1] then return false end
 local q = redis.call('HMGET', qkey(r[1]), 'm', 's', 'fz', 'ch', 'ep')
-local state, frozen_from, updated = r[4], false, r[9]
-if state == 'n' or state == 'r' then
-  if r[10] ~= q[5] then
-    state, updated = 'x', redis.call('HGET', qkey(r[1]), 'c' .. r[10])
+local state, frozen_from, attempts, updated = r[2], false, r[3], r[6]
+local record = redis.call('HGET', P .. 'c', id)
+if record then
+  state = 's'
+  attempts, updated = string.match(record, '^%d+:%d+:%a:(%d+):(%d+)$')
+elseif state == 'n' or state == 'r' then
+  if r[7] ~= q[5] then
+    state, updated = 'x', redis.call('HGET', qkey(r[1]), 'c' .. r[7])
   else
     if tonumber(q[4]) > tonumber(updated) then updated = q[4] end
-    if q[3] == '1' then state, frozen_from = 'z', r[4] end
+    if q[3] == '1' then state, frozen_from = 'z', r[2] end
   end
 end
-return {q[1], q[2], r[2], r[3], redis.call('GET', bkey(id)), state, frozen_from, r[5], r[6], r[7],
-        r[8], updated}
+return {q[1], q[2], r[9], r[10], redis.call('GET', bkey(r[8])), state, frozen_from, attempts, r[4], r[5],
+        r[11], updated}
 """
 
 
@@ -505,24 +616,36 @@ class LuaScript:
     sha: str
 
 
-def _script(name: str, body: str) -> LuaScript:
-    source = _lifecycle_tables() + _PRELUDE + body
+def _script(name: str, *parts: str) -> LuaScript:
+    source = "".join(parts)
     return LuaScript(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
+# A namespace's layout: the one it was written in, or LAYOUT, now set, if it is new.
+_LAYOUT = r"""
+local layout = redis.call('GET', P .. 'layout')
+if layout then return layout end
+if redis.call('EXISTS', P .. 'seq') == 1 then return '1' end
+redis.call('SET', P .. 'layout', ARGV[2])
+return ARGV[2]
+"""
+
+_SETTLING_PRELUDE = _lifecycle_tables() + _BASE + _SETTLING
+
 SCRIPTS: Final = {
-    name: _script(name, body)
-    for name, body in {
-        "enqueue": _ENQUEUE,
-        "claim": _CLAIM,
-        "settle": _SETTLE,
-        "renew": _RENEW,
-        "expire": _EXPIRE,
-        "set_frozen": _SET_FROZEN,
-        "clear": _CLEAR,
-        "purge": _PURGE,
-        "metrics": _METRICS,
-        "get": _GET,
-    }.items()
+    script.name: script
+    for script in (
+        _script("layout", _BASE, _LAYOUT),
+        _script("enqueue", _BASE, _QUEUE_OF, _ENQUEUE),
+        _script("claim", _SETTLING_PRELUDE, _CLAIM),
+        _script("settle", _SETTLING_PRELUDE, _SETTLE),
+        _script("renew", _BASE, _RENEW),
+        _script("expire", _SETTLING_PRELUDE, _EXPIRE),
+        _script("set_frozen", _BASE, _QUEUE_OF, _SET_FROZEN),
+        _script("clear", _BASE, _QUEUE_OF, _CLEAR),
+        _script("purge", _BASE, _PURGE),
+        _script("metrics", _BASE, _QUEUE_OF, _METRICS),
+        _script("get", _BASE, _GET),
+    )
 }
 """Every script by name."""
