@@ -387,22 +387,10 @@ class SQLBackend:
             except exc.SQLAlchemyError:
                 pass  # an optimisation only: the deltas stay and are summed on read
 
-    def _sums(self, conn: Connection, queue_ids: Sequence[int]) -> dict[int, Counter[str]]:
+    def _sums(self, db: _Driver, queue_ids: Sequence[int]) -> dict[int, Counter[str]]:
         """The counts of these sender queues: base rows plus deltas, in one statement (one snapshot)."""
-        c, d = self._t.counts, self._t.deltas
-        if self._pg:
-            columns = [sa.func.sum(d.c[name]).label(name) for name in COUNTS]
-            query = sa.select(d.c.queue_id, *columns).where(d.c.queue_id.in_(queue_ids))
-            pending = query.group_by(d.c.queue_id).subquery()
-            totals = [(c.c[name] + sa.func.coalesce(pending.c[name], 0)).label(name) for name in COUNTS]
-            joined = c.outerjoin(pending, pending.c.queue_id == c.c.queue_id)
-            query = sa.select(c.c.queue_id, *totals).select_from(joined).where(c.c.queue_id.in_(queue_ids))
-        else:
-            query = sa.select(c).where(c.c.queue_id.in_(queue_ids))
-        return {
-            row["queue_id"]: Counter({name: int(row[name]) for name in COUNTS})
-            for row in conn.execute(query).mappings()
-        }
+        rows = db.rows(self._sql.sums, {"ids": json.dumps(list(queue_ids))})
+        return {row[0]: Counter(dict(zip(COUNTS, map(int, row[1:]), strict=True))) for row in rows}
 
     def _queues(
         self, conn: Connection, pairs: Sequence[tuple[str, str]], now: int
@@ -693,27 +681,20 @@ class SQLBackend:
 
     def _set_frozen(self, mailing: str, sender: str | None, frozen: bool, now: datetime) -> int:
         at = _us(now)
-        t = self._t
-        q = t.queues
+        params = {"mailing": mailing, "sender": sender, "frozen": frozen, "was": not frozen, "now": at}
 
         def work(conn: Connection) -> int:
+            db = self._driver(conn)
             if sender is None:
-                insert = postgresql.insert if self._pg else sqlite.insert
-                statement = insert(t.mailings).values(mailing=mailing, frozen=frozen)
-                conn.execute(
-                    statement.on_conflict_do_update(index_elements=["mailing"], set_={"frozen": frozen})
-                )
-                where = q.c.mailing == mailing
+                db.rows(self._sql.set_mailing, params)  # later sender queues of the mailing start so
             else:
-                self._queues(conn, [(mailing, sender)], at)  # a sender queue can be frozen before it has mail
-                where = sa.and_(q.c.mailing == mailing, q.c.sender == sender)
-            # Exclusive locks wait for every claim and report in flight on these queues.
-            query = sa.select(q.c.id).where(where, q.c.frozen.is_(not frozen)).order_by(q.c.id)
-            ids = conn.execute(query.with_for_update()).scalars().all()
+                self._queues(conn, [(mailing, sender)], at)  # it can be frozen before it has mail
+            # On PostgreSQL the rows are locked exclusively (in id order) first: the update waits for
+            # every claim and report in flight on these queues, and the count after it sees them all.
+            ids = [row[0] for row in db.rows(self._sql.flip, params)]
             if not ids:
                 return 0
-            conn.execute(q.update().where(q.c.id.in_(ids)).values(frozen=frozen, changed_at=at))
-            return sum(s["new"] + s["retries"] for s in self._sums(conn, ids).values())
+            return sum(s["new"] + s["retries"] for s in self._sums(db, ids).values())
 
         return self._run(work)
 
@@ -724,51 +705,44 @@ class SQLBackend:
         return self._set_frozen(mailing, sender, False, now)
 
     def clear(self, mailing: str, sender: str | None, now: datetime) -> int:
+        locked = {"mailing": mailing, "sender": sender}
         at = _us(now)
-        t = self._t
-        q = t.queues
 
         if self._pg:
             # Two statements: the lock waits for claims and reports in flight; the second, with a
             # snapshot taken after it, sees their counts and writes epoch, clear and deltas at once.
             def work_pg(conn: Connection) -> int:
-                locked = {"mailing": mailing, "sender": sender}
-                ids = conn.execute(self._sql.lock_queues, locked).scalars().all()
+                db = self._driver(conn)
+                ids = [row[0] for row in db.rows(self._sql.lock_queues, locked)]
                 if not ids:
                     return 0
-                rows = conn.execute(self._sql.clear_pg, {"ids": list(ids), "now": at}).all()
-                self._note({row.queue_id for row in rows})
-                return sum(row.cleared for row in rows)
+                rows = db.rows(self._sql.clear_pg, {"ids": ids, "now": at})
+                self._note(queue_id for queue_id, _ in rows)
+                return sum(cleared for _, cleared in rows)
 
             return self._run(work_pg)
 
         def work(conn: Connection) -> int:
-            where = (
-                q.c.mailing == mailing
-                if sender is None
-                else sa.and_(q.c.mailing == mailing, q.c.sender == sender)
-            )
-            rows = conn.execute(
-                sa.select(q.c.id, q.c.epoch).where(where).order_by(q.c.id).with_for_update()
-            ).all()
-            if not rows:
+            db = self._driver(conn)
+            queues = db.rows(self._sql.lock_queues, locked)  # SQLite: the writer holds the database
+            if not queues:
                 return 0
-            sums = self._sums(conn, [row.id for row in rows])
+            sums = self._sums(db, [id for id, _ in queues])
             moved = 0
             changes: dict[int, Counter[str]] = {}
             ended = []
-            for row in rows:
-                s = sums[row.id]
+            for id, epoch in queues:
+                s = sums[id]
                 cleared = s["new"] + s["retries"]
                 # A new epoch also marks the SENDING ones as cleared since their claim.
                 if cleared or s["sending"]:
                     moved += cleared
-                    changes[row.id] = Counter(new=-s["new"], retries=-s["retries"], deleted=cleared)
-                    ended.append({"queue_id": row.id, "epoch": row.epoch, "cleared_at": at})
+                    changes[id] = Counter(new=-s["new"], retries=-s["retries"], deleted=cleared)
+                    ended.append({"queue_id": id, "epoch": epoch, "cleared_at": at})
             if ended:
-                conn.execute(q.update().where(q.c.id.in_(changes)).values(epoch=q.c.epoch + 1))
-                conn.execute(t.clears.insert(), ended)
-                self._count(self._driver(conn), changes)
+                db.rows(self._sql.bump_epochs, {"ids": json.dumps(list(changes))})
+                db.many(self._sql.add_clear, ended)
+                self._count(db, changes)
             return moved
 
         return self._run(work)
@@ -796,12 +770,12 @@ class SQLBackend:
 
     def _metrics(self, mailing: str, sender: str | None) -> dict[str, Metrics]:
         params = {"mailing": mailing, "sender": sender}
-        rows = self._run(lambda conn: conn.execute(self._sql.metrics, params).all(), read=True)
+        rows = self._run(lambda conn: self._driver(conn).rows(self._sql.metrics, params), read=True)
         result = {}
-        for row in rows:
-            new, retries, sending, delivered, failed, deleted = (int(v) for v in row[2:])
-            result[row.sender] = Metrics.of_sender_queue(
-                frozen=bool(row.frozen),
+        for sender, frozen, *counts in rows:
+            new, retries, sending, delivered, failed, deleted = map(int, counts)
+            result[sender] = Metrics.of_sender_queue(
+                frozen=bool(frozen),
                 new=new,
                 retries=retries,
                 sending=sending,
@@ -1004,10 +978,43 @@ class _Statements:
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
         self._driver_sql: dict[sa.TextClause, str] = {}
+        of_mailing = "mailing = :mailing AND (:sender IS NULL OR sender = :sender)"
+        for_update = " FOR UPDATE" if pg else ""  # SQLite: the writer holds the whole database
         self.lock_queues = sa.text(
-            f"SELECT id FROM {q} WHERE mailing = :mailing AND (:sender IS NULL OR sender = :sender) "
-            "ORDER BY id FOR UPDATE"
+            f"SELECT id, epoch FROM {q} WHERE {of_mailing} ORDER BY id{for_update}"
         ).bindparams(sa.bindparam("sender", type_=sa.String))
+        mailings = t.mailings.name
+        self.set_mailing = sa.text(
+            f"INSERT INTO {mailings} (mailing, frozen) VALUES (:mailing, :frozen) "
+            "ON CONFLICT (mailing) DO UPDATE SET frozen = excluded.frozen"
+        )
+        self.flip = sa.text(
+            f"UPDATE {q} SET frozen = :frozen, changed_at = :now WHERE "
+            + (
+                f"id IN (SELECT id FROM {q} WHERE {of_mailing} AND frozen = :was ORDER BY id FOR UPDATE)"
+                if pg
+                else f"{of_mailing} AND frozen = :was"
+            )
+            + " RETURNING id"
+        ).bindparams(sa.bindparam("sender", type_=sa.String))
+        self.bump_epochs = sa.text(f"UPDATE {q} SET epoch = epoch + 1 WHERE id IN ({listed})")
+        self.add_clear = sa.text(
+            f"INSERT INTO {cl} (queue_id, epoch, cleared_at) VALUES (:queue_id, :epoch, :cleared_at)"
+        )
+        totals = (
+            ", ".join(f"c.{n} + COALESCE(s.{n}, 0)" for n in COUNTS)
+            if pg
+            else ", ".join(f"c.{n}" for n in COUNTS)
+        )
+        pending_sums = (
+            f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN ({listed}) GROUP BY queue_id) s "
+            "ON s.queue_id = c.queue_id "
+            if pg
+            else ""
+        )
+        self.sums = sa.text(
+            f"SELECT c.queue_id, {totals} FROM {c} c {pending_sums}WHERE c.queue_id IN ({listed})"
+        )
         # A queue with nothing queued or sending keeps its epoch: there is nothing to mark.
         pending = ", ".join(f"CAST(sum({n}) AS bigint) AS {n}" for n in ("new", "retries", "sending"))
         self.clear_pg = sa.text(
