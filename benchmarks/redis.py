@@ -12,7 +12,8 @@ Workloads, as in ``benchmarks/memory.py``:
   until empty (``--runs`` alternating runs of the library and raw Lua, median of each; the
   library also with ``batch=0``, one script per call, to show what shorter scripts cost);
 * metrics of the big mailing, idle and while 4 worker processes drain another mailing (median,
-  p90, p99; and with ``batch=0``);
+  p90, p99; and with ``batch=0``), with a PING between two reads: what any command waits for
+  while Redis is that busy;
 * freeze, unfreeze and clear of the big mailing;
 * memory per queued message: ``INFO memory`` before and after the big mailing.
 
@@ -145,8 +146,11 @@ while claims := queue.claim(sys.argv[2], 100, timedelta(minutes=5)):
 """
 
 
-def metrics_under_load(url: str, queue: sq.SenderQueue, count: int) -> tuple[list[float], int]:
-    """Metrics latencies (seconds) of a mailing while 4 worker processes drain it; and how many ran."""
+def metrics_under_load(
+    url: str, queue: sq.SenderQueue, count: int, client: redis.Redis
+) -> tuple[list[float], list[float]]:
+    """Latencies (seconds) of the metrics of a mailing while 4 worker processes drain it, and of
+    PINGs sent between them: what any command waits for under the same load."""
     library_fill(queue, "busy", count, SENDERS)
     workers = [
         subprocess.Popen([sys.executable, "-c", DRAINER, url, f"s{n}"], stdout=subprocess.PIPE, text=True)
@@ -156,16 +160,19 @@ def metrics_under_load(url: str, queue: sq.SenderQueue, count: int) -> tuple[lis
         assert worker.stdout is not None
         worker.stdout.readline()
     samples: list[float] = []
+    pings: list[float] = []
     try:
         while all(w.poll() is None for w in workers):
             samples.append(timed(lambda: queue.metrics("busy")))
+            time.sleep(0.001)
+            pings.append(timed(client.ping))
             time.sleep(0.001)
     finally:
         for worker in workers:
             worker.wait(timeout=600)
             if worker.stdout is not None:
                 worker.stdout.close()
-    return samples, len(workers)
+    return samples, pings
 
 
 # -- raw redis-py + Lua ------------------------------------------------------------------
@@ -454,9 +461,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         progress("saq")
         saq_enqueue, saq_rate = saq_figures(args.url, args.peer_drain)
         progress("metrics while 4 workers drain")
-        busy, _ = metrics_under_load(url, queue, args.busy)
+        busy, pings = metrics_under_load(url, queue, args.busy, client)
         progress("metrics while 4 workers drain with batch=0")
-        busy_whole, _ = metrics_under_load(url + "&batch=0", queue, args.busy)
+        busy_whole, pings_whole = metrics_under_load(url + "&batch=0", queue, args.busy, client)
         loads.append(os.getloadavg()[0])
     finally:
         queue.backend.destroy()  # type: ignore[attr-defined]
@@ -509,9 +516,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             {"senderqueue": p99 * ms},
         ),
         Row(
+            "  PING (the floor: any command's wait under that load), median",
+            "ms",
+            {"senderqueue": statistics.median(pings) * ms},
+        ),
+        Row(
             "  the same with batch=0 (one script per call), median",
             "ms",
             {"senderqueue": statistics.median(busy_whole) * ms},
+        ),
+        Row(
+            "  PING under the batch=0 load, median",
+            "ms",
+            {"senderqueue": statistics.median(pings_whole) * ms},
         ),
         Row("  the same with batch=0, p90", "ms", {"senderqueue": p90_whole * ms}),
         Row(
