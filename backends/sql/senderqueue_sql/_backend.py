@@ -237,21 +237,20 @@ class SQLBackend:
         *,
         read: bool = False,
         single: bool = False,
-        duplicates: bool = False,
     ) -> T:
         """Run ``work`` in one transaction; driver errors become ``BackendError``.
 
         ``single``: the work is one statement, a transaction of its own; on PostgreSQL it runs
         in autocommit, which saves the BEGIN and COMMIT round trips.
         """
-        return self._attempt(lambda: self._once(work, read, single), duplicates=duplicates, read=read)
+        return self._attempt(lambda: self._once(work, read, single), read=read)
 
     def _hot(self, work: Callable[[_Driver], T], *, single: bool = False) -> T:
         """Run ``work`` on the driver's own connection in one transaction (claims and reports).
 
         The transaction is begun and ended on the driver as well; errors as in :meth:`_run`.
         """
-        return self._attempt(lambda: self._once_hot(work, single), duplicates=False, read=False)
+        return self._attempt(lambda: self._once_hot(work, single), read=False)
 
     def _once(self, work: Callable[[Connection], T], read: bool, single: bool) -> T:
         lock = None if read else self._writer
@@ -291,7 +290,7 @@ class SQLBackend:
     def _driver(self, conn: Connection) -> _Driver:
         return _Driver(conn.connection.driver_connection, self._sql.driver_sql)
 
-    def _attempt(self, once: Callable[[], T], *, duplicates: bool, read: bool) -> T:
+    def _attempt(self, once: Callable[[], T], *, read: bool) -> T:
         for attempt in range(8):
             try:
                 result = once()
@@ -300,8 +299,6 @@ class SQLBackend:
                     continue
                 raise BackendError(f"the database failed: {error}") from error
             except exc.IntegrityError:
-                if duplicates:
-                    raise
                 raise BackendError("the database refused the change") from None
             except exc.DBAPIError as error:
                 code = getattr(error.orig, "sqlstate", None)
@@ -441,36 +438,31 @@ class SQLBackend:
             for message in messages:
                 queue = queues[message.mailing, message.sender]
                 added[queue.id]["new"] += 1
-                rows.append(
-                    {
-                        "id": message.message_id,
-                        "queue_id": queue.id,
-                        "recipient": message.recipient,
-                        "mail_from": message.mail_from,
-                        "state": NEW,
-                        "claimed_from": NEW,
-                        "attempts": 0,
-                        "due": at,
-                        "epoch": queue.epoch,
-                        "last_error": None,
-                        "created_at": at,
-                        "updated_at": at,
-                        "token": None,
-                        "expires_at": None,
-                    }
+                rows.append((message.message_id, queue.id, message.recipient, message.mail_from, queue.epoch))
+            db = self._driver(conn)
+            # One statement for the batch, in order (seq is enqueue order); a taken id inserts nothing.
+            params = {"rows": json.dumps(rows), "now": at}
+            made = {id: seq for seq, id in db.rows(self._sql.enqueue, params)}
+            if len(made) < len(rows):
+                raise _Taken
+            seqs = [made[message.message_id] for message in messages]
+            if self._pg:
+                contents = {"seqs": seqs, "contents": [message.content for message in messages]}
+                db.rows(self._sql.add_contents, contents)
+            else:
+                db.many(
+                    self._sql.add_contents,
+                    [
+                        {"seq": seq, "content": message.content}
+                        for seq, message in zip(seqs, messages, strict=True)
+                    ],
                 )
-            m = self._t.messages
-            seqs = conn.execute(m.insert().returning(m.c.seq, sort_by_parameter_order=True), rows).scalars()
-            conn.execute(
-                self._t.contents.insert(),
-                [{"seq": seq, "content": new.content} for seq, new in zip(seqs, messages, strict=True)],
-            )
-            self._count(self._driver(conn), added)
+            self._count(db, added)
             return [str(i) for i in ids]
 
         try:
-            return self._run(work, duplicates=True)
-        except exc.IntegrityError:
+            return self._run(work)
+        except _Taken:
             pass
         # Rolled back: find which id was taken (it may have been taken by a concurrent enqueue).
         m = self._t.messages
@@ -848,6 +840,10 @@ _READY: set[tuple[str, str]] = set()
 """(database URL, namespace) pairs whose schema this process has checked."""
 
 
+class _Taken(Exception):
+    """An id of the batch is taken: roll the enqueue back."""
+
+
 class _Driver:
     """The DB-API connection under a SQLAlchemy one, for the statements claims and reports run.
 
@@ -978,6 +974,30 @@ class _Statements:
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
         self._driver_sql: dict[sa.TextClause, str] = {}
+        # Enqueue: the batch as one JSON parameter, [id, queue_id, recipient, mail_from, epoch] each.
+        if pg:
+            given = (
+                "SELECT value ->> 0 AS id, CAST(value ->> 1 AS int) AS queue_id, value ->> 2 AS recipient, "
+                "value ->> 3 AS mail_from, CAST(value ->> 4 AS int) AS epoch "
+                "FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY AS r(value, n) ORDER BY n"
+            )
+        else:
+            given = (
+                "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 "
+                "FROM json_each(:rows) ORDER BY key"
+            )
+        self.enqueue = sa.text(
+            f"INSERT INTO {m} (id, queue_id, recipient, mail_from, epoch, state, claimed_from, attempts, "
+            f"due, created_at, updated_at) SELECT g.*, {NEW}, {NEW}, 0, :now, :now, :now FROM ({given}) g "
+            # WHERE: SQLite would read the ON of ON CONFLICT as a join's.
+            "WHERE true ON CONFLICT (id) DO NOTHING RETURNING seq, id"
+        )
+        self.add_contents = sa.text(
+            f"INSERT INTO {ct} (seq, content) SELECT * FROM unnest(CAST(:seqs AS bigint[]), "
+            "CAST(:contents AS bytea[]))"
+            if pg
+            else f"INSERT INTO {ct} (seq, content) VALUES (:seq, :content)"
+        )
         of_mailing = "mailing = :mailing AND (:sender IS NULL OR sender = :sender)"
         for_update = " FOR UPDATE" if pg else ""  # SQLite: the writer holds the whole database
         self.lock_queues = sa.text(
