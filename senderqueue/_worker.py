@@ -437,10 +437,13 @@ class SenderWorker:
         self._renew_due = None
         for task, claim in list(in_flight.items()):
             if claim.expires_at - now < self.lease / 2:
-                # A LeaseLost here means the lease was settled; the send's report will meet it too.
-                # A BackendError: the next pass tries again, as this claim is still due for renewal.
-                with contextlib.suppress(LeaseLost, BackendError):
+                try:
                     in_flight[task] = await self._queue_call(self.queue.renew, claim, self.lease)
+                except LeaseLost:
+                    continue  # the lease was settled; the send's report will meet it too
+                except BackendError:
+                    # Still due for renewal, so the next pass tries again.
+                    _log.warning("renewing %s failed; the next pass tries again", claim.message.id)
         renewed: list[Claim] = []
         for claim in held:
             if claim.expires_at - now < self.lease / 2:
@@ -450,7 +453,7 @@ class SenderWorker:
                     self._counts["lost"] += 1  # settled meanwhile: no longer ours to send
                     continue
                 except BackendError:
-                    pass  # kept as it is: the next pass tries again
+                    _log.warning("renewing %s failed; the next pass tries again", claim.message.id)
             renewed.append(claim)
         for claims in (list(in_flight.values()), renewed):
             if claims:
