@@ -127,11 +127,16 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     event.clear()
 
 
+def _transport_error(what: str) -> SoftBounce:
+    """The outcome of a send that ended without one: it may have gone, so the attempt counts."""
+    return SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: {what}")
+
+
 def _outcome_of(task: asyncio.Task[Outcome]) -> Outcome:
     # _send returns an outcome for anything an Exception; a send cancelled from within the
-    # transport (CancelledError is not one) may have been delivered: the attempt counts.
+    # transport (CancelledError is not one) may have been delivered.
     if task.cancelled():
-        return SoftBounce(code=451, enhanced="4.3.0", text="transport error: the send was cancelled")
+        return _transport_error("the send was cancelled")
     return task.result()
 
 
@@ -353,11 +358,11 @@ class SenderWorker:
         try:
             outcome: object = await self.transport.send(claim.message)  # typed, but a user's transport
         except Exception as error:  # noqa: BLE001 - an attempt must end in a report, whatever broke
-            return SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: {error!r}")
-        if isinstance(outcome, Delivered | SoftBounce | HardBounce):
+            return _transport_error(repr(error))
+        if isinstance(outcome, Outcome):
             return outcome
         # report_many would refuse it, and with it every report of its wave.
-        return SoftBounce(code=451, enhanced="4.3.0", text=f"transport error: not an outcome: {outcome!r}")
+        return _transport_error(f"not an outcome: {outcome!r}")
 
     async def _finish(self, in_flight: _Sends, destinations: dict[str, _Destination]) -> None:
         """Report every finished send in one round trip, and free its domain's slot."""

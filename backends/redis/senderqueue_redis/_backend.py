@@ -313,14 +313,13 @@ class RedisBackend:
 
     def _check_layout(self) -> None:
         """Refuse a namespace written in another key layout (see ``LAYOUT``); mark a new one."""
-        self._layout_known = True  # the script below runs through _run too
+        found = None
+        self._layout_known = True  # the layout script runs through _run too
         try:
             found = int(self._run(SCRIPTS["layout"], LAYOUT))
-        except BaseException:
-            self._layout_known = False
-            raise
+        finally:
+            self._layout_known = found == LAYOUT
         if found != LAYOUT:
-            self._layout_known = False
             raise BackendError(
                 f"namespace {self.namespace!r} holds keys of layout {found}, and this senderqueue-redis "
                 f"reads layout {LAYOUT}: drain it with the version that wrote it, or destroy() it"
@@ -331,11 +330,11 @@ class RedisBackend:
             self._check_layout()
         with self._translated():
             try:
-                return self._execute("EVALSHA", script.sha, 1, self._anchor, self._prefix, *args)
+                return self._execute(*self._script_call(script, *args))
             except NoScriptError:
                 # NOSCRIPT means it did not run (the cache was flushed, or Redis restarted): run it
                 # by its source, which also caches it, whatever another client flushes meanwhile.
-                return self._execute("EVAL", script.source, 1, self._anchor, self._prefix, *args)
+                return self._execute(*self._script_call(script, *args, by_source=True))
 
     # -- changes --------------------------------------------------------------------
 
@@ -403,9 +402,10 @@ class RedisBackend:
                 read: tuple[list[list[Any]], list[bytes | None]] | None = None
                 while rows:
                     want = min(limit - taken, size) if more else 0
+                    args = (*head, want, *tail, 0)
                     commands: list[tuple[str | int | bytes, ...]] = [self._content_keys(rows)]
                     if want:
-                        commands.append(self._script_call(script, *head, want, *tail, 0))
+                        commands.append(self._script_call(script, *args))
                     packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
                     connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
                     if read is not None:
@@ -416,7 +416,7 @@ class RedisBackend:
                         try:
                             reply = connection.read_response()
                         except NoScriptError:  # flushed meanwhile: it did not run
-                            by_source = ("EVAL", script.source, *commands[1][2:])
+                            by_source = self._script_call(script, *args, by_source=True)
                             connection.send_command(*by_source)  # type: ignore[no-untyped-call]
                             reply = connection.read_response()
                         rows = _rows(reply)
@@ -432,7 +432,12 @@ class RedisBackend:
             made.add(*read)
         return made.claims
 
-    def _script_call(self, script: LuaScript, *args: str | int | bytes) -> tuple[str | int | bytes, ...]:
+    def _script_call(
+        self, script: LuaScript, *args: str | int | bytes, by_source: bool = False
+    ) -> tuple[str | int | bytes, ...]:
+        """The command that runs ``script`` on the namespace's slot: by SHA, or by its source."""
+        if by_source:
+            return ("EVAL", script.source, 1, self._anchor, self._prefix, *args)
         return ("EVALSHA", script.sha, 1, self._anchor, self._prefix, *args)
 
     def _content_keys(self, rows: list[list[Any]]) -> tuple[str, ...]:

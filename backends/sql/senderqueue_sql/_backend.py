@@ -899,17 +899,22 @@ class _Statements:
             f"UPDATE {c} SET " + ", ".join(f"{n} = {c}.{n} + total.{n}" for n in COUNTS) + " FROM total "
             f"WHERE {c}.queue_id = :queue_id"
         )
-        deltas = (
-            f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN "
-            f"(SELECT id FROM {q} WHERE mailing = :mailing) GROUP BY queue_id) s ON s.queue_id = q.id "
-            if pg
-            else ""
-        )
-        added = [f"c.{n} + COALESCE(s.{n}, 0) AS {n}" if pg else f"c.{n}" for n in COUNTS]
+
+        def outstanding(queue_ids: str) -> str:
+            """The join that adds these queues' deltas (PostgreSQL) to their counts row ``c``."""
+            if not pg:
+                return ""
+            return (
+                f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN ({queue_ids}) "
+                "GROUP BY queue_id) s ON s.queue_id = c.queue_id "
+            )
+
+        # A sender queue's counts: its base row plus, on PostgreSQL, its outstanding deltas.
+        totals = ", ".join(f"c.{n} + COALESCE(s.{n}, 0) AS {n}" if pg else f"c.{n}" for n in COUNTS)
         self.metrics = sa.text(
-            f"SELECT q.sender, q.frozen, {', '.join(added)} "
-            f"FROM {q} q JOIN {c} c ON c.queue_id = q.id {deltas}"
-            "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) ORDER BY q.id"
+            f"SELECT q.sender, q.frozen, {totals} FROM {q} q JOIN {c} c ON c.queue_id = q.id "
+            + outstanding(f"SELECT id FROM {q} WHERE mailing = :mailing")
+            + "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) ORDER BY q.id"
         ).bindparams(sa.bindparam("sender", type_=sa.String))
         self.get = sa.text(
             "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, ct.content, m.state, m.attempts, "
@@ -1021,19 +1026,8 @@ class _Statements:
         self.add_clear = sa.text(
             f"INSERT INTO {cl} (queue_id, epoch, cleared_at) VALUES (:queue_id, :epoch, :cleared_at)"
         )
-        totals = (
-            ", ".join(f"c.{n} + COALESCE(s.{n}, 0)" for n in COUNTS)
-            if pg
-            else ", ".join(f"c.{n}" for n in COUNTS)
-        )
-        pending_sums = (
-            f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN ({listed}) GROUP BY queue_id) s "
-            "ON s.queue_id = c.queue_id "
-            if pg
-            else ""
-        )
         self.sums = sa.text(
-            f"SELECT c.queue_id, {totals} FROM {c} c {pending_sums}WHERE c.queue_id IN ({listed})"
+            f"SELECT c.queue_id, {totals} FROM {c} c {outstanding(listed)}WHERE c.queue_id IN ({listed})"
         )
         # A queue with nothing queued or sending keeps its epoch: there is nothing to mark.
         pending = ", ".join(f"CAST(sum({n}) AS bigint) AS {n}" for n in ("new", "retries", "sending"))
