@@ -502,11 +502,12 @@ def _proxy_to(client: redis.Redis) -> _Proxy:
     return _Proxy((kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379)))
 
 
-def test_a_claim_lost_between_its_scripts_keeps_earlier_batches_and_no_connection(
+def test_a_claim_lost_between_its_scripts_says_what_it_holds_and_keeps_no_connection(
     client: redis.Redis, namespace: str
 ) -> None:
-    """The connection dies in the pipelined part of a claim: BackendError, the first batch stays
-    claimed (until its lease expires), and the broken connection is not handed out again."""
+    """The connection dies in the pipelined part of a claim, and Redis stays out of reach:
+    BackendError naming the messages held (until their lease expires), and the broken connection
+    is not handed out again."""
     proxy = _proxy_to(client)
     clock = ManualClock(START)
     direct = sq.SenderQueue(RedisBackend(client, namespace), clock=clock)
@@ -522,7 +523,7 @@ def test_a_claim_lost_between_its_scripts_keeps_earlier_batches_and_no_connectio
             return content_keys(rows)  # type: ignore[no-any-return]
 
         backend._content_keys = cut_first  # type: ignore[attr-defined]
-        with pytest.raises(sq.BackendError):
+        with pytest.raises(sq.BackendError, match="1 messages were claimed before the failure"):
             relayed.claim("s1", 3, lease=timedelta(minutes=1))
         assert not pool._in_use_connections
         assert all(not c._sock for c in pool._available_connections)
@@ -534,36 +535,96 @@ def test_a_claim_lost_between_its_scripts_keeps_earlier_batches_and_no_connectio
         proxy.close()
 
 
-def test_a_report_lost_between_its_scripts_says_what_was_settled(client: redis.Redis, namespace: str) -> None:
+@pytest.mark.parametrize("by_url", [False, True])
+def test_a_claim_whose_later_script_fails_returns_what_it_took(
+    client: redis.Redis, namespace: str, by_url: bool
+) -> None:
+    """The second script of a claim fails (an error reply): the call returns the first batch's
+    claims, whole and usable, and nothing else is held."""
+    queue = _queue(client, namespace, by_url, batch=2)
+    backend = queue.backend
+    try:
+        ids = queue.enqueue_many(new_message(n=n) for n in range(6))
+        script_call = backend._script_call  # type: ignore[attr-defined]
+        calls: list[object] = []
+
+        def fail_second(script: object, *args: Any, by_source: bool = False) -> tuple[Any, ...]:
+            calls.append(script)
+            command = script_call(script, *args, by_source=by_source)
+            if len(calls) == 2:
+                return ("EVALSHA", command[1], "many")  # an error reply: it did not run
+            return command  # type: ignore[no-any-return]
+
+        backend._script_call = fail_second  # type: ignore[attr-defined]
+        claims = queue.claim("s1", 6, lease=timedelta(minutes=1))
+        backend._script_call = script_call  # type: ignore[attr-defined]
+        assert [c.message.id for c in claims] == ids[:2]
+        assert all(c.message.content == new_message().content for c in claims)
+        assert queue.metrics("m1") == sq.Metrics(new=4, sending=2)
+        assert queue.report_many([(c, sq.Delivered(code=250)) for c in claims]) == [None, None]
+        assert [c.message.id for c in queue.claim("s1", 6)] == ids[2:]
+    finally:
+        queue.close()
+
+
+def test_a_report_is_one_script_whatever_the_batch(client: redis.Redis, namespace: str) -> None:
+    """A report of more claims than a batch is still one atomic script: lost, it settles none."""
     proxy = _proxy_to(client)
     clock = ManualClock(START)
     direct = sq.SenderQueue(RedisBackend(client, namespace), clock=clock)
-    relayed = _relayed(namespace, proxy, clock, batch=2)  # settle scripts of 3 claims
+    relayed = _relayed(namespace, proxy, clock, batch=2)
     backend = relayed.backend
     try:
         relayed.enqueue_many(new_message(n=n) for n in range(6))
         claims = relayed.claim("s1", 6)
         run = backend._run  # type: ignore[attr-defined]
-        settles: list[object] = []
+        scripts: list[object] = []
 
-        def cut_second(script: object, *args: object) -> object:
-            settles.append(script)
-            if len(settles) == 2:
-                proxy.cut()
+        def count(script: object, *args: object) -> object:
+            scripts.append(script)
             return run(script, *args)
 
-        backend._run = cut_second  # type: ignore[attr-defined]
-        with pytest.raises(
-            sq.BackendError, match="first 3 of 6 claims were settled, and the next 3 may have been"
-        ):
-            relayed.report_many([(c, sq.Delivered(code=250)) for c in claims])
-        assert direct.metrics("m1") == sq.Metrics(sending=3, delivered=3)
-        assert [type(r) for r in direct.report_many([(c, sq.Delivered(code=250)) for c in claims])] == [
-            sq.LeaseLost
-        ] * 3 + [type(None)] * 3
+        backend._run = count  # type: ignore[attr-defined]
+        assert relayed.report_many([(c, sq.Delivered(code=250)) for c in claims[:5]]) == [None] * 5
+        assert len(scripts) == 1
+        proxy.cut()
+        with pytest.raises(sq.BackendError):
+            relayed.report_many([(claims[5], sq.Delivered(code=250))])
+        assert direct.metrics("m1") == sq.Metrics(sending=1, delivered=5)
+        assert direct.report_many([(claims[5], sq.Delivered(code=250))]) == [None]
     finally:
         relayed.close()
         proxy.close()
+
+
+def test_expiry_and_purge_that_fail_after_a_script_return_what_they_did(
+    client: redis.Redis, namespace: str
+) -> None:
+    """Expiry of leases, a batch a script: a failure after the first script returns the count so far."""
+    queue = _queue(client, namespace, by_url=True, batch=2)
+    clock: ManualClock = queue.clock  # type: ignore[assignment]
+    backend = queue.backend
+    try:
+        queue.enqueue_many(new_message(n=n) for n in range(6))
+        queue.claim("s1", 6, lease=timedelta(minutes=1))
+        clock.advance(timedelta(minutes=2))
+        run = backend._run  # type: ignore[attr-defined]
+        scripts: list[object] = []
+
+        def fail_second(script: object, *args: object) -> object:
+            scripts.append(script)
+            if len(scripts) == 2:
+                raise sq.BackendError("Redis failed: injected")
+            return run(script, *args)
+
+        backend._run = fail_second  # type: ignore[attr-defined]
+        assert queue.expire_leases() == 2
+        backend._run = run  # type: ignore[attr-defined]
+        assert queue.metrics("m1") == sq.Metrics(retries=2, sending=4)
+        assert queue.expire_leases() == 4
+        assert queue.metrics("m1") == sq.Metrics(retries=6)
+    finally:
+        queue.close()
 
 
 def test_the_scripts_draw_the_same_jitter_and_cap_as_the_core(client: redis.Redis, namespace: str) -> None:

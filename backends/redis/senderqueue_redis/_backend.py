@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,16 +38,17 @@ __all__ = ["DEFAULT_BATCH", "RedisBackend", "key_prefix"]
 
 Client: TypeAlias = "redis.Redis | RedisCluster"
 
+_log = logging.getLogger("senderqueue.redis")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _PURGE_BATCH = 200  # messages forgotten per script (about 1 ms), so a big purge never blocks Redis for long
 DEFAULT_BATCH = 20
-"""Messages a script claims or expires at most (and 1.5 times as many claims it settles), unless
-``batch=`` says otherwise.
+"""Messages a script claims or expires at most, unless ``batch=`` says otherwise.
 
 Redis runs one script at a time, so every other client (a metrics read, another worker) may wait
 for the longest one; at 20 messages a script holds Redis for about 0.13 ms. A larger claim or
-report is a sequence of such scripts, as even as can be, each atomic on its own.
+expiry is a sequence of such scripts, as even as can be, each atomic on its own; a report is
+always one script.
 """
 _NO_LIMIT = 2**31  # a batch this large is no limit (and a larger count is not an integer to Redis's Lua)
 _OPTIONS = ("namespace", "cluster", "batch")  # our own URL query options; the rest go to redis-py
@@ -226,10 +228,10 @@ class RedisBackend:
     Attributes:
         client: the redis-py client.
         namespace: the namespace; queues of different namespaces never see each other.
-        batch: the most messages one script claims or expires, and two thirds of the most
-            claims it settles (:data:`DEFAULT_BATCH`); a larger claim, report or expiry runs as
-            several scripts, each atomic on its own, so that no client waits long behind one.
-            0: one script per call, however large.
+        batch: the most messages one script claims or expires (:data:`DEFAULT_BATCH`); a
+            larger claim or expiry runs as several scripts, each atomic on its own, so that no
+            client waits long behind one, and returns what they did. 0: one script per call,
+            however large. A report is one script whatever its size.
     """
 
     def __init__(
@@ -251,9 +253,6 @@ class RedisBackend:
         self.batch = batch
         # What a script is given: "no limit" is a very large one, and Redis takes no larger count.
         self._batch = min(batch or _NO_LIMIT, _NO_LIMIT)
-        # Settling a claim costs Redis about two thirds of claiming a message: settle scripts take
-        # half as many again, so that both kinds last about as long.
-        self._settle_batch = self._batch + self._batch // 2
         self._prefix = key_prefix(namespace)
         self._anchor = self._prefix + "seq"  # KEYS[1] of every script: routes it to the namespace's slot
         self._shared_url = _shared_url
@@ -366,10 +365,11 @@ class RedisBackend:
         Expired leases are settled :attr:`batch` to a script (whatever ``limit``), until none is
         left; the last of those scripts goes on to claim. A script claims at most :attr:`batch`
         messages (oldest first, atomically); a larger ``limit`` takes them a batch at a time until
-        it has ``limit`` or none is left. The contents never change and are keyed by enqueue seq
-        (so what is read is always the claimed message's own): they are read natively (MGET), each
-        batch's in the round trip of the next script, while the messages of the batch before are
-        made.
+        it has ``limit`` or none is left. If Redis fails after the first batch, the call returns
+        the claims already made (fewer than ``limit``, as a claim may), so that what it did is
+        what it says. The contents never change and are keyed by enqueue seq (so what is read is
+        always the claimed message's own): they are read natively (MGET), each batch's in the
+        round trip of the next script, while the messages of the batch before are made.
         """
         expires_at = now + lease
         head = (_us(now), sender)
@@ -379,58 +379,81 @@ class RedisBackend:
         reply: Any = -1
         while reply == -1:  # -1: it settled a batch of expired leases, and more may be left
             reply = self._run(SCRIPTS["claim"], *head, want, *tail, self._batch)
-        rows = _rows(reply)
-        taken = len(rows)
-        more = taken == want < limit
         made = _ClaimMaker(sender, now, expires_at)
-        pool = self._pool
-        if pool is None:
-            while more:
-                want = min(limit - taken, size)
-                batch = _rows(self._run(SCRIPTS["claim"], *head, want, *tail, 0))
-                rows += batch
-                taken += len(batch)
-                more = len(batch) == want and taken < limit
-            if rows:
+        unread = _rows(reply)  # claimed rows whose contents are not read yet
+        taken = len(unread)
+        more = taken == want < limit
+        try:
+            if self._pool is None:
+                while more:
+                    want = min(limit - taken, size)
+                    batch = _rows(self._run(SCRIPTS["claim"], *head, want, *tail, 0))
+                    unread += batch
+                    taken += len(batch)
+                    more = len(batch) == want and taken < limit
+            else:
+                self._claim_pipelined(made, unread, limit, size, head, tail)
+        except BackendError as failure:
+            if not (made.claims or unread):
+                raise
+            got = len(made.claims) + len(unread)
+            _log.warning("claim for sender %r stopped after %d messages: %s", sender, got, failure)
+        if unread:
+            try:
                 with self._translated():
-                    made.add(rows, self._execute(*self._content_keys(rows)))
-            return made.claims
+                    made.add(unread, self._execute(*self._content_keys(unread)))
+            except BackendError as failure:
+                held = len(made.claims) + len(unread)
+                raise BackendError(
+                    f"{failure} ({held} messages were claimed before the failure: they come back "
+                    "when their lease expires, as after a crashed worker)"
+                ) from failure
+        return made.claims
+
+    def _claim_pipelined(
+        self,
+        made: _ClaimMaker,
+        unread: list[list[Any]],
+        limit: int,
+        size: int,
+        head: tuple[int, str],
+        tail: tuple[str | int, ...],
+    ) -> None:
+        """Claim batch after batch on one connection, each batch's contents read in the round trip
+        of the next script. ``unread`` holds the claimed rows whose contents are not read yet,
+        also when this fails."""
+        assert self._pool is not None
+        pool = self._pool
+        taken = len(unread)
+        more = taken < limit and taken == min(limit, size)
         script = SCRIPTS["claim"]
         with self._translated():
             connection = pool.get_connection()
             try:
-                read: tuple[list[list[Any]], list[bytes | None]] | None = None
-                while rows:
-                    want = min(limit - taken, size) if more else 0
+                while more:
+                    want = min(limit - taken, size)
                     args = (*head, want, *tail, 0)
-                    commands: list[tuple[str | int | bytes, ...]] = [self._content_keys(rows)]
-                    if want:
-                        commands.append(self._script_call(script, *args))
+                    commands = [self._content_keys(unread), self._script_call(script, *args)]
                     packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
                     connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
-                    if read is not None:
-                        made.add(*read)  # while Redis works
-                    read = (rows, connection.read_response())
-                    rows = []
-                    if want:
-                        try:
-                            reply = connection.read_response()
-                        except NoScriptError:  # flushed meanwhile: it did not run
-                            by_source = self._script_call(script, *args, by_source=True)
-                            connection.send_command(*by_source)  # type: ignore[no-untyped-call]
-                            reply = connection.read_response()
-                        rows = _rows(reply)
-                        taken += len(rows)
-                        more = len(rows) == want and taken < limit
+                    made.add(unread, connection.read_response())
+                    unread.clear()
+                    try:
+                        reply = connection.read_response()
+                    except NoScriptError:  # flushed meanwhile: it did not run
+                        by_source = self._script_call(script, *args, by_source=True)
+                        connection.send_command(*by_source)  # type: ignore[no-untyped-call]
+                        reply = connection.read_response()
+                    batch = _rows(reply)
+                    unread += batch
+                    taken += len(batch)
+                    more = len(batch) == want and taken < limit
             except BaseException:
                 # Replies may be on their way: never reuse this connection.
                 connection.disconnect()  # type: ignore[no-untyped-call]
                 raise
             finally:
                 pool.release(connection)
-        if read is not None:
-            made.add(*read)
-        return made.claims
 
     def _script_call(
         self, script: LuaScript, *args: str | int | bytes, by_source: bool = False
@@ -448,35 +471,16 @@ class RedisBackend:
     def settle(
         self, settlements: Sequence[Settlement], now: datetime, retry: RetryPolicy
     ) -> list[LeaseLost | None]:
-        """Settle the claims, up to 1.5 times :attr:`batch` a script, each script atomic on its own.
-
-        If Redis fails after a batch, the claims of the batches before it are settled (and those
-        of the failed one may be, if only its reply was lost); reporting them again meets
-        ``LeaseLost``.
-        """
-        head: list[str | int] = [_us(now), *self._policy(retry)]
-        results: list[LeaseLost | None] = []
-        size = _even(len(settlements), self._settle_batch)
-        for start in range(0, len(settlements), size):
-            batch = settlements[start : start + size]
-            args = list(head)
-            for claim, trigger, error in batch:
-                # A Trigger is a str: its value goes to Redis as it is.
-                args += (claim.message.id, claim.token, trigger, "" if error is None else "=" + error)
-            try:
-                reply = self._run(SCRIPTS["settle"], *args)
-            except BackendError as failure:
-                if not results:
-                    raise
-                # The failed script may have run too, if only its reply was lost.
-                raise BackendError(
-                    f"{failure} (the first {len(results)} of {len(settlements)} claims were settled,"
-                    f" and the next {len(batch)} may have been)"
-                ) from failure
-            results += [
-                LeaseLost(s.claim.message.id) if lost else None for s, lost in zip(batch, reply, strict=True)
-            ]
-        return results
+        """Settle the claims in one script: all of them, atomically, whatever :attr:`batch` says."""
+        args: list[str | int | bytes] = [_us(now), *self._policy(retry)]
+        for claim, trigger, error in settlements:
+            # A Trigger is a str: its value goes to Redis as it is.
+            args += (claim.message.id, claim.token, trigger, "" if error is None else "=" + error)
+        reply = self._run(SCRIPTS["settle"], *args)
+        return [
+            LeaseLost(settled.claim.message.id) if lost else None
+            for settled, lost in zip(settlements, reply, strict=True)
+        ]
 
     def renew(self, claim: Claim, lease: timedelta, now: datetime) -> Claim:
         """Extend a valid claim's lease; raises ``LeaseLost``."""
@@ -487,12 +491,8 @@ class RedisBackend:
 
     def expire_leases(self, now: datetime, retry: RetryPolicy) -> int:
         """Settle every sender's expired leases, :attr:`batch` to a script."""
-        settled = 0
-        while True:
-            count, more = self._run(SCRIPTS["expire"], _us(now), *self._policy(retry), self._batch)
-            settled += int(count)
-            if not more:
-                return settled
+        policy = self._policy(retry)
+        return self._repeat("expiry of leases", SCRIPTS["expire"], _us(now), *policy, self._batch)
 
     def freeze(self, mailing: str, sender: str | None, now: datetime) -> int:
         """Set the frozen flag of the sender queue(s), and of the mailing if no sender is named."""
@@ -511,12 +511,28 @@ class RedisBackend:
 
     def purge(self, older_than: datetime) -> int:
         """Forget terminal messages, a batch per script, so Redis is never blocked for long."""
-        purged = 0
+        return self._repeat("purge", SCRIPTS["purge"], _us(older_than), _PURGE_BATCH)
+
+    def _repeat(self, what: str, script: LuaScript, *args: str | int | bytes) -> int:
+        """Run a script that does a batch and answers (count, more) until no more is left.
+
+        If Redis fails after the first script, the count so far is returned: the call did that
+        much, and says so (the rest is left for the next call).
+        """
+        done = 0
+        first = True
         while True:
-            count, more = self._run(SCRIPTS["purge"], _us(older_than), _PURGE_BATCH)
-            purged += int(count)
+            try:
+                count, more = self._run(script, *args)
+            except BackendError as failure:
+                if first:
+                    raise
+                _log.warning("%s stopped after %d messages: %s", what, done, failure)
+                return done
+            first = False
+            done += int(count)
             if not more:
-                return purged
+                return done
 
     # -- reads ----------------------------------------------------------------------
 
