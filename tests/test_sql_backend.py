@@ -370,7 +370,7 @@ class TestLostConnection:
         assert queue.metrics("m1") == sq.Metrics(new=5)
         assert [queue.get(i).attempts for i in ids] == [0] * 5
         claims = queue.claim("s1", 5)
-        undo = self.kill_at(queue, "json_array_elements", "before")
+        undo = self.kill_at(queue, "token = NULL", "before")  # the settle statement
         try:
             with pytest.raises(sq.BackendError):
                 queue.report_many([(c, sq.Delivered()) for c in claims])

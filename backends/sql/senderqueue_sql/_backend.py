@@ -984,7 +984,7 @@ class _Statements:
             given = (
                 "SELECT value ->> 0 AS id, CAST(value ->> 1 AS int) AS queue_id, value ->> 2 AS recipient, "
                 "value ->> 3 AS mail_from, CAST(value ->> 4 AS int) AS epoch "
-                "FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY AS r(value, n) ORDER BY n"
+                "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(value, n) ORDER BY n"
             )
         else:
             given = (
@@ -1119,7 +1119,8 @@ class _Statements:
                 f"CAST(value ->> {n} AS {t}) AS {name}"
                 for n, (name, t) in enumerate(zip(self._COLUMNS, self._TYPES, strict=True))
             )
-            given = f"i AS (SELECT {fields} FROM json_array_elements(CAST(:rows AS json)))"
+            # jsonb: parsed once; each ->> on a json value parses its text again.
+            given = f"i AS (SELECT {fields} FROM jsonb_array_elements(CAST(:rows AS jsonb)))"
         else:
             fields = ", ".join(f"value ->> {n} AS {name}" for n, name in enumerate(self._COLUMNS))
             given = f"i AS (SELECT {fields} FROM json_each(:rows))"
