@@ -222,7 +222,10 @@ class SenderWorker:
         return asyncio.run(self._run(until_idle=False))
 
     def stop(self) -> None:
-        """Stop claiming; in-flight sends finish and report, held ones are released. Safe from any thread."""
+        """Stop claiming; in-flight sends finish and report, held ones are released. Safe from any thread.
+
+        It ends the current run (or the next, if none is running); a later run starts afresh.
+        """
         self._stopping.set()
         self._wake()
 
@@ -295,6 +298,7 @@ class SenderWorker:
                 await self._renew(in_flight, [])
         finally:
             self._claimed = 0
+            self._stopping.clear()  # a stop ends this run; the worker can run again
             for sig in handled:
                 loop.remove_signal_handler(sig)
             self._wake = lambda: None

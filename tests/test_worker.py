@@ -373,6 +373,18 @@ def test_stop_an_idle_worker(queue: sq.SenderQueue) -> None:
     assert result[0].attempts == 0
 
 
+def test_a_stopped_worker_runs_again(queue: sq.SenderQueue) -> None:
+    worker = sq.SenderWorker(queue, sq.FakeSMTPTransport(), sender="s1", poll_interval=0.01)
+    thread, _ = _run_in_thread(worker)
+    worker.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    fill(queue, users(3))
+    summary = worker.run_until_idle()
+    assert summary.delivered == 3
+    assert queue.metrics("m1") == sq.Metrics(delivered=3)
+
+
 def test_a_running_worker_picks_up_new_messages(queue: sq.SenderQueue) -> None:
     delivered = threading.Semaphore(0)
     transport = RecordingTransport(on_send=lambda _: delivered.release())
