@@ -19,6 +19,7 @@ import ssl
 from collections import deque
 from typing import Final, NamedTuple, cast
 
+from ._errors import InvalidArgument
 from ._models import Message
 from ._outcomes import Classifier, Outcome
 
@@ -322,7 +323,8 @@ class SMTPTransport:
         connect_timeout: seconds to connect and read the greeting; ``timeout`` by default.
         tls_context: the context for STARTTLS; certificates are verified against the
             system's CAs by default.
-        verify: ``False`` accepts any certificate: for tests against a self-signed server only.
+        verify: ``False`` accepts any certificate: for tests against a self-signed server only
+            (with the default context; a ``tls_context`` of your own says what it verifies).
         tls_hostname: the name the certificate must carry; ``host`` by default.
         helo_name: the name given in EHLO; this machine's host name by default.
         classifier: turns replies into outcomes.
@@ -345,9 +347,11 @@ class SMTPTransport:
         classifier: Classifier | None = None,
     ) -> None:
         if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
-            raise ValueError("timeouts must be positive")
+            raise InvalidArgument("timeouts must be positive")
         if (username is None) != (password is None):
-            raise ValueError("give both username and password, or neither")
+            raise InvalidArgument("give both username and password, or neither")
+        if tls_context is not None and not verify:
+            raise InvalidArgument("verify=False relaxes the default context: relax the tls_context you give")
         self.host = host
         self.port = port
         self.starttls = starttls

@@ -794,10 +794,13 @@ def test_auth_login_mechanism() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="timeouts"):
+    with pytest.raises(sq.InvalidArgument, match="timeouts"):
         sq.SMTPTransport("127.0.0.1", 25, timeout=0)
-    with pytest.raises(ValueError, match="username and password"):
+    with pytest.raises(sq.InvalidArgument, match="username and password"):
         sq.SMTPTransport("127.0.0.1", 25, username="u")
+    context = ssl.create_default_context()
+    with pytest.raises(sq.InvalidArgument, match="relax the tls_context you give"):
+        sq.SMTPTransport("127.0.0.1", 25, starttls=True, tls_context=context, verify=False)
 
 
 def test_multiline_replies_and_mismatched_enhanced_codes(port: int, handler: RecordingHandler) -> None:
