@@ -26,7 +26,7 @@ from ._errors import (
     SenderQueueError,
     UnknownMessage,
 )
-from ._lifecycle import LIFECYCLE, QUEUED, TERMINAL, State, Trigger
+from ._lifecycle import LIFECYCLE, QUEUED, TERMINAL, State, Trigger, leave_sending
 from ._memory import MemoryBackend
 from ._models import Claim, Message, Metrics, NewMessage
 from ._outcomes import DEFAULT_EXCEPTIONS, Classifier, Delivered, HardBounce, Outcome, SoftBounce, parse_reply
@@ -79,6 +79,7 @@ __all__ = [
     "Trigger",
     "UnknownMessage",
     "WorkerSummary",
+    "leave_sending",
     "parse_reply",
     "system_clock",
 ]

@@ -16,7 +16,7 @@ import senderqueue.testing
 INTERNAL: dict[str, set[str]] = {
     "_backend": {"backend_from_url"},  # SenderQueue.open(url) is the public way in
     "_clock": {"ManualClock", "ScaledClock"},  # public from senderqueue.testing
-    "_lifecycle": {"allowed", "check", "diagram", "leave_sending"},
+    "_lifecycle": {"allowed", "check", "diagram"},
     "_validation": {
         "MAX_ID_LENGTH",
         "IdMaker",

@@ -37,11 +37,12 @@ from senderqueue import (
     Metrics,
     NewMessage,
     RetryPolicy,
+    Settlement,
     State,
+    Trigger,
     UnknownMessage,
+    leave_sending,
 )
-from senderqueue._backend import Settlement
-from senderqueue._lifecycle import Trigger, leave_sending
 
 from . import _engines
 from ._schema import (
