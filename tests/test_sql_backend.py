@@ -226,8 +226,16 @@ class TestSQLBackend:
         queue.enqueue_many([message("m1", "s1", 0, message_id="old")])
         m, ct = t.messages.name, t.contents.name
         blob = sa.LargeBinary().compile(dialect=engine.dialect)
-        # Back to the shape version 1 left: no terminal index, content in the message row.
+        pg = engine.dialect.name == "postgresql"
+        # Back to the shape version 1 left: no terminal index, content in the message row, and
+        # seq the primary key.
         with engine.begin() as conn:
+            if pg:
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {m} DROP CONSTRAINT {m}_pkey, ADD PRIMARY KEY (seq), ADD UNIQUE (id)"
+                    )
+                )
             conn.execute(sa.text(f"DROP INDEX {t.terminal_index}"))
             conn.execute(sa.text(f"ALTER TABLE {m} ADD COLUMN content {blob}"))
             copy = f"UPDATE {m} SET content = (SELECT content FROM {ct} WHERE {ct}.seq = {m}.seq)"
@@ -238,15 +246,24 @@ class TestSQLBackend:
 
         _backend._READY.clear()  # as a fresh process would
         backend = SQLBackend(engine, namespace=namespace)
-        assert backend.schema_version() == SCHEMA_VERSION == 3
+        assert backend.schema_version() == SCHEMA_VERSION == 4
         inspector = sa.inspect(engine)
         assert t.terminal_index in {i["name"] for i in inspector.get_indexes(m)}
         assert "content" not in {column["name"] for column in inspector.get_columns(m)}
+        assert inspector.get_pk_constraint(m)["constrained_columns"] == (["id"] if pg else ["seq"])
+        if pg:  # the id's unique index is the primary key's now, not a second one
+            assert not inspector.get_unique_constraints(m)
         assert backend.get("old").content == CONTENT
+        queue = sq.SenderQueue(backend)
+        (claim,) = queue.claim("s1", 1)
+        with pytest.raises(sq.DuplicateMessage):
+            queue.enqueue_many([message("m1", "s1", 1, message_id="old")])
+        assert queue.report_many([(claim, sq.Delivered())]) == [None]
+        assert queue.metrics("m1") == sq.Metrics(delivered=1)
         with engine.begin() as conn:
             conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
         _backend._READY.clear()
-        with pytest.raises(sq.BackendError, match="schema version 4"):
+        with pytest.raises(sq.BackendError, match="schema version 5"):
             SQLBackend(engine, namespace=namespace)
         backend.destroy()
         engine.dispose()

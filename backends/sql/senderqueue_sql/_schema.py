@@ -95,7 +95,9 @@ class Tables:
         self.messages = sa.Table(
             f"{prefix}messages",
             metadata,
-            sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),  # enqueue order
+            # Enqueue order. The primary key on SQLite (the rowid); on PostgreSQL version 4 makes
+            # ``id`` the primary key instead (see ``_v4``).
+            sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
             sa.Column("id", _ID, nullable=False, unique=True),
             sa.Column("queue_id", sa.Integer, nullable=False),
             sa.Column("recipient", sa.String(254), nullable=False),
@@ -175,7 +177,29 @@ def _v3(conn: Connection, t: Tables) -> None:
     conn.execute(sa.text(f"ALTER TABLE {t.messages.name} DROP COLUMN content"))
 
 
-MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection, t: Tables) -> None:
+    """Version 4, PostgreSQL: the message id becomes the primary key.
+
+    ``seq`` keeps the enqueue order and keys the contents, but no index of its own: every update
+    of a message row (a claim, a report) writes a new row version into each index, and one index
+    fewer took about 6% off a claim and a report of 100. On SQLite ``seq`` is the rowid, which
+    costs nothing; the schema stays as it is there.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    m = t.messages.name
+    inspector = sa.inspect(conn)
+    primary = inspector.get_pk_constraint(m)
+    if primary["constrained_columns"] == ["id"]:
+        return
+    drops = [primary["name"]]
+    drops += [u["name"] for u in inspector.get_unique_constraints(m) if u["column_names"] == ["id"]]
+    # Builds the id index anew under an exclusive lock of the table: once, on the first open.
+    dropped = "".join(f"DROP CONSTRAINT {name}, " for name in drops)
+    conn.execute(sa.text(f"ALTER TABLE {m} {dropped}ADD CONSTRAINT {m}_pkey PRIMARY KEY (id)"))
+
+
+MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3, _v4]
 """``MIGRATIONS[n]`` takes a namespace from schema version ``n`` to ``n + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""
