@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -299,6 +300,37 @@ class TestSQLBackend:
             assert conn.execute(sa.select(sa.func.count()).select_from(t.messages)).scalar() == 1
         assert queue.claim("s1")[0].message.id == fresh
         queue.close()
+
+    def test_a_report_finds_its_row_where_the_claim_left_it_or_by_id(self, url: str) -> None:
+        """On PostgreSQL a token says where the claim left the row; a row moved since (a renewal)
+        is found by its id, a place that names another row or none changes nothing, and a token
+        of another shape is a lost lease."""
+        queue = sq.SenderQueue.open(url, clock=ManualClock(START))
+        pg = url.startswith("postgresql")
+        try:
+            fill(queue, [("m1", "s1")], 6)
+            claims = queue.claim("s1", 6)
+            assert all(("@" in c.token) is pg for c in claims)
+            renewed = queue.renew(claims[0])  # the row moves (a new row version on PostgreSQL)
+            number = [c.token.partition("@")[0] for c in claims]
+            elsewhere = attrs.evolve(claims[1], token=f"{number[1]}@0.1")  # another row's place
+            nowhere = attrs.evolve(claims[2], token=f"{number[2]}@4294967295.65535")
+            too_far = attrs.evolve(claims[3], token=f"{number[3]}@4294967296.1")
+            no_place = attrs.evolve(claims[4], token=number[4])
+            garbled = attrs.evolve(claims[5], token=f"{number[5]}@1.2.3")
+            results = queue.report_many(
+                [(c, sq.Delivered()) for c in (renewed, elsewhere, nowhere, too_far, no_place, garbled)]
+            )
+            assert [type(r) for r in results] == [type(None)] * 3 + [sq.LeaseLost] + [type(None)] + [
+                sq.LeaseLost
+            ]
+            assert queue.metrics("m1") == sq.Metrics(sending=2, delivered=4)
+            assert queue.report_many([(claims[3], sq.Delivered()), (claims[5], sq.Delivered())]) == [
+                None,
+                None,
+            ]
+        finally:
+            queue.close()
 
     def test_an_unreachable_database_is_a_backend_error(self, backend_url: str, tmp_path: Path) -> None:
         if backend_url.startswith("sqlite"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import secrets
 import threading
 from collections import Counter, defaultdict
@@ -124,13 +125,21 @@ _SOFT_BOUNCE, _EXPIRE, _RELEASE = Trigger.SOFT_BOUNCE, Trigger.EXPIRE, Trigger.R
 class _Leave:
     """One claim to take out of SENDING, with the next attempt time worked out in Python."""
 
-    __slots__ = ("attempts", "created_at", "error", "id", "next_at", "token", "trigger")
+    __slots__ = ("attempts", "created_at", "error", "id", "next_at", "place", "token", "trigger")
 
     def __init__(
-        self, id: str, token: int, attempts: int, created_at: datetime, trigger: Trigger, error: str | None
+        self,
+        id: str,
+        token: int,
+        attempts: int,
+        created_at: datetime,
+        trigger: Trigger,
+        error: str | None,
+        place: str | None = None,
     ) -> None:
         self.id = id
         self.token = token
+        self.place = place  # where the claim left the row (PostgreSQL's ctid), if known
         self.attempts = attempts
         self.created_at = created_at
         self.trigger = trigger
@@ -161,15 +170,34 @@ class _Leave:
             self.next_at,
             self.error,
             released,
+            self.place,
         )
 
 
-def _token(claim: Claim) -> int | None:
-    try:
-        token = int(claim.token)
-    except ValueError:
+# A claim's token: the row's token and, on PostgreSQL, where the claim left the row
+# ("@block.offset", its ctid), so that a report finds the row without an index.
+_TOKEN = re.compile(r"(\d{1,19})(?:@(\d{1,10})\.(\d{1,5}))?")
+
+
+def _token(claim: Claim) -> tuple[int, str | None] | None:
+    """(token, ctid or None) of a claim this backend made; None for any other token."""
+    found = _TOKEN.fullmatch(claim.token)
+    if found is None:
         return None
-    return token if 0 <= token < 2**63 else None
+    token, block, offset = found.groups()
+    if int(token) >= 2**63:
+        return None
+    if block is None:
+        return int(token), None
+    if int(block) >= 2**32 or int(offset) >= 2**16:
+        return None
+    return int(token), f"({block},{offset})"
+
+
+def _place(ctid: str) -> str:
+    """A ctid, ``(block,offset)``, as the token's ``@block.offset``."""
+    block, _, offset = ctid.strip("()").partition(",")
+    return f"@{block}.{offset}"
 
 
 class SQLBackend:
@@ -483,7 +511,8 @@ class SQLBackend:
         # them after the claim changes nothing it could take: an expired lease's message is due
         # again only after a backoff, later than now.
         result = self._hot(lambda db: db.rows(self._sql.claim_pg, params), single=True)
-        rows = [row[:13] for row in result if row[0] is not None]  # the claimed, with their content
+        # The claimed, with their content and where the claim left them (ctid).
+        rows = [row[:-1] for row in result if row[0] is not None]
         self._note({row[2] for row in rows})
         if {row[2] for row in rows} - self._names.keys():
             self._run(lambda conn: self._learn_names(self._driver(conn), rows), read=True)
@@ -526,7 +555,11 @@ class SQLBackend:
             self._names.update((id, (mailing, sender)) for id, mailing, sender in found)
 
     def _claims(self, db: _Driver | None, rows: list[Any], now: int) -> list[Claim]:
-        """Claims of the claimed ``rows``; on SQLite (``db`` given) also learn names and count."""
+        """Claims of the claimed ``rows``; on SQLite (``db`` given) also learn names and count.
+
+        A row is the claim statement's returned columns and the content; on PostgreSQL then the
+        row's ctid, which the token carries.
+        """
         if not rows:
             return []
         if db is not None:
@@ -555,6 +588,7 @@ class SQLBackend:
             token,
             expires_at,
             content,
+            *place,
         ) in rows:
             taken[queue_id, claimed_from] += 1
             mailing, sender = names[queue_id]
@@ -574,7 +608,8 @@ class SQLBackend:
                 updated_at=updated_at,
             )
             expires = known(expires_at) or times.setdefault(expires_at, _time(expires_at))
-            claims.append(Claim(message=message, token=str(token), expires_at=expires))
+            text = f"{token}{_place(place[0])}" if place else str(token)
+            claims.append(Claim(message=message, token=text, expires_at=expires))
         for (queue_id, claimed_from), n in taken.items():
             counts[queue_id][_COUNTER[claimed_from]] -= n
             counts[queue_id]["sending"] += n
@@ -629,12 +664,13 @@ class SQLBackend:
         positions: list[int | None] = []
         for settlement in settlements:
             claim = settlement.claim
-            token = _token(claim)
-            if token is None:
+            parsed = _token(claim)
+            if parsed is None:
                 positions.append(None)
                 continue
             positions.append(len(leaves))
             message = claim.message
+            token, place = parsed
             leaves.append(
                 _Leave(
                     message.id,
@@ -643,6 +679,7 @@ class SQLBackend:
                     message.created_at,
                     settlement.trigger,
                     settlement.error,
+                    place,
                 )
             )
         single = len(leaves) <= _BATCH and len({leave.id for leave in leaves}) == len(leaves)
@@ -653,7 +690,8 @@ class SQLBackend:
         ]
 
     def renew(self, claim: Claim, lease: timedelta, now: datetime) -> Claim:
-        token = _token(claim)
+        parsed = _token(claim)
+        token = None if parsed is None else parsed[0]
         expires_at = now + lease
         m = self._t.messages
         statement = (
@@ -951,6 +989,7 @@ class _Statements:
             "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
         )
         self.names = sa.text(f"SELECT id, mailing, sender FROM {q} WHERE id IN ({listed})")
+        returned = [col.strip() for col in self.returned.split(",")]
         self.claimed = (
             f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "
             f"token = :batch + {m}.seq, expires_at = :expires, updated_at = :now"
@@ -974,10 +1013,11 @@ class _Statements:
             # The picked rows are locked: their physical address stays theirs until the update.
             f"upd AS (UPDATE {m} SET {self.claimed} FROM pick "
             f"WHERE {m}.ctid = pick.tid AND {m}.seq = pick.seq "
-            f"RETURNING {', '.join(m + '.' + col.strip() for col in self.returned.split(','))}), "
+            f"RETURNING {', '.join(m + '.' + col for col in returned)}, CAST({m}.ctid AS text) AS loc), "
             f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
             "FROM upd GROUP BY queue_id) "
-            f"SELECT upd.*, (SELECT content FROM {ct} WHERE seq = upd.seq) AS content, probe.expired "
+            f"SELECT {', '.join('upd.' + col for col in returned)}, "
+            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, upd.loc, probe.expired "
             f"FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
@@ -1106,8 +1146,11 @@ class _Statements:
             self._claim_sqlite[queues] = statement
         return statement
 
-    _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel")
-    _TYPES = ("text", "bigint", "int", "bigint", "smallint", "smallint", "smallint", "bigint", "text", "int")
+    _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel", "loc")
+    _TYPES = (
+        *("text", "bigint", "int", "bigint", "smallint", "smallint", "smallint", "bigint"),
+        *("text", "int", "tid"),
+    )
 
     def settle(self, rows: list[tuple[Any, ...]], now: int) -> tuple[sa.TextClause, dict[str, Any]]:
         """The statement that settles ``rows`` (one per claim, no message twice), and its parameters."""
@@ -1132,15 +1175,19 @@ class _Statements:
         # A message has a token only while it is SENDING (every way out sets it to NULL), so the
         # token alone says the claim still holds.
         if self.pg:
-            # Each claim is looked up on its own through the unique id index, and the row is then
-            # updated by its physical address: a plan that stays the same whatever the planner
-            # believes about the table's size (right after a bulk enqueue, before autovacuum has
-            # analyzed it, it would otherwise hash-join a full scan). The conditions are repeated
-            # on the updated row, so that a concurrent change is re-checked. The sender queues are
-            # share-locked (in id order), so that a clear or freeze is never half seen.
+            # Each claim is looked up on its own: at the physical address its claim left the row
+            # (the token says where) or, if the row has moved since (a renewal, VACUUM FULL),
+            # through the primary key; the row is then updated by that address. A plan that
+            # stays the same whatever the planner believes about the table's size (right after a
+            # bulk enqueue, before autovacuum has analyzed it, it would otherwise hash-join a full
+            # scan). The conditions are repeated on the updated row, so that a concurrent change
+            # is re-checked. The sender queues are share-locked (in id order), so that a clear or
+            # freeze is never half seen.
             given += (
-                f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL (SELECT ctid AS tid, "
-                f"queue_id FROM {m} WHERE id = i.mid AND token = i.tok LIMIT 1) x), "
+                f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL ("
+                f"(SELECT ctid AS tid, queue_id FROM {m} WHERE ctid = i.loc AND id = i.mid "
+                f"AND token = i.tok) UNION ALL (SELECT ctid, queue_id FROM {m} WHERE id = i.mid "
+                "AND token = i.tok) LIMIT 1) x), "
                 f"lq AS (SELECT id, epoch FROM {q} WHERE id IN (SELECT queue_id FROM t) "
                 "ORDER BY id FOR SHARE)"
             )
