@@ -170,12 +170,13 @@ class _Connection(asyncio.BufferedProtocol):
             and not self.transport.is_closing()
         )
 
-    async def replies(self, count: int) -> list[_Reply]:
-        """The next ``count`` replies (to pipelined commands), waiting at most ``timeout`` for them all."""
+    async def replies(self, count: int, timeout: float | None = None) -> list[_Reply]:
+        """The next ``count`` replies (to pipelined commands), waiting at most ``timeout`` (by
+        default the connection's) for them all."""
         if len(self._replies) < count and self._error is None:
             self._wanted = count
             waiter = self._waiter = self.loop.create_future()
-            timer = self.loop.call_later(self.timeout, _time_out, waiter)
+            timer = self.loop.call_later(timeout or self.timeout, _time_out, waiter)
             try:
                 await waiter
             finally:
@@ -188,8 +189,8 @@ class _Connection(asyncio.BufferedProtocol):
         replies = self._replies
         return [replies.popleft() for _ in range(count)]
 
-    async def reply(self) -> _Reply:
-        (reply,) = await self.replies(1)
+    async def reply(self, timeout: float | None = None) -> _Reply:
+        (reply,) = await self.replies(1, timeout)
         return reply
 
     async def write(self, data: bytes) -> None:
@@ -321,6 +322,9 @@ class SMTPTransport:
         username, password: log in with AUTH PLAIN or LOGIN after any STARTTLS.
         timeout: seconds for each command's reply (and each write).
         connect_timeout: seconds to connect and read the greeting; ``timeout`` by default.
+        data_timeout: seconds for the reply to the end of a message's data: 10 minutes by
+            default, as RFC 5321 (4.5.3.2.6) asks, since a server may scan the message before
+            it answers, and giving up sooner risks sending it twice.
         tls_context: the context for STARTTLS; certificates are verified against the
             system's CAs by default.
         verify: ``False`` accepts any certificate: for tests against a self-signed server only
@@ -340,13 +344,14 @@ class SMTPTransport:
         password: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float | None = None,
+        data_timeout: float = 600.0,
         tls_context: ssl.SSLContext | None = None,
         verify: bool = True,
         tls_hostname: str | None = None,
         helo_name: str | None = None,
         classifier: Classifier | None = None,
     ) -> None:
-        if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
+        if timeout <= 0 or data_timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
             raise InvalidArgument("timeouts must be positive")
         if (username is None) != (password is None):
             raise InvalidArgument("give both username and password, or neither")
@@ -359,6 +364,7 @@ class SMTPTransport:
         self._password = password
         self.timeout = timeout
         self.connect_timeout = connect_timeout if connect_timeout is not None else timeout
+        self.data_timeout = data_timeout
         self.tls_hostname = tls_hostname or host
         self.helo_name = helo_name or _local_name()
         self.classifier = classifier or Classifier()
@@ -579,7 +585,7 @@ class SMTPTransport:
                 raise _SessionError(f"the server answered DATA with {data_reply}")
         if failure is None and data_reply is not None and data_reply.code == 354:
             await connection.write(data)
-            final = await connection.reply()
+            final = await connection.reply(self.data_timeout)
             connection.dirty = False
             return self._outcome(final)
         if data_reply is not None and data_reply.code == 354:

@@ -328,7 +328,7 @@ def test_a_kept_connection_failing_after_the_data_is_a_soft_bounce_not_a_resend(
             await writer.drain()
 
     with raw_server(script) as port:
-        transport = sq.SMTPTransport("127.0.0.1", port, timeout=0.5)
+        transport = sq.SMTPTransport("127.0.0.1", port, timeout=0.5, data_timeout=0.5)
         first, second = send_all(transport, [message("a@example.com"), message("b@example.com")])
     assert type(first) is sq.Delivered
     assert type(second) is sq.SoftBounce
@@ -495,10 +495,20 @@ def test_a_server_dropping_after_part_of_the_data_is_a_soft_bounce() -> None:
 
 def test_a_server_that_stalls_past_the_timeout_is_a_soft_bounce(port: int, handler: RecordingHandler) -> None:
     handler.data_delay = 30
-    outcome = send(sq.SMTPTransport("127.0.0.1", port, timeout=0.5), message())
+    outcome = send(sq.SMTPTransport("127.0.0.1", port, timeout=5, data_timeout=0.5), message())
     assert type(outcome) is sq.SoftBounce
     assert (outcome.code, outcome.enhanced) == (421, "4.4.2")
     assert "timed out" in outcome.text
+
+
+def test_the_end_of_the_data_has_a_timeout_of_its_own(port: int, handler: RecordingHandler) -> None:
+    """A server that scans the message before it answers the final dot is waited for (RFC 5321
+    4.5.3.2.6: 10 minutes by default), longer than any other reply."""
+    handler.data_delay = 1.0
+    transport = sq.SMTPTransport("127.0.0.1", port, timeout=0.3)
+    assert transport.data_timeout == 600
+    assert type(send(transport, message())) is sq.Delivered
+    assert len(handler.received) == 1
 
 
 def test_a_silent_greeting_times_out_as_a_soft_bounce() -> None:
@@ -796,6 +806,8 @@ def test_auth_login_mechanism() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(sq.InvalidArgument, match="timeouts"):
         sq.SMTPTransport("127.0.0.1", 25, timeout=0)
+    with pytest.raises(sq.InvalidArgument, match="timeouts"):
+        sq.SMTPTransport("127.0.0.1", 25, data_timeout=-1)
     with pytest.raises(sq.InvalidArgument, match="username and password"):
         sq.SMTPTransport("127.0.0.1", 25, username="u")
     context = ssl.create_default_context()

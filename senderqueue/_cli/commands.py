@@ -349,7 +349,7 @@ def _progress_line(worker: SenderWorker) -> Text:
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds to wait for each SMTP reply.",
+    help="Seconds to wait for each SMTP reply (the reply to the end of the data: up to 10 minutes).",
 )
 @click.option(
     "--until-idle", is_flag=True, help="Stop when nothing of the sender is due, instead of waiting."
