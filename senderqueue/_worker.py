@@ -298,12 +298,14 @@ class SenderWorker:
                 await self._renew(in_flight, [])
         finally:
             self._claimed = 0
-            self._stopping.clear()  # a stop ends this run; the worker can run again
             for sig in handled:
                 loop.remove_signal_handler(sig)
             self._wake = lambda: None
-            with contextlib.suppress(Exception):  # a failing goodbye must not hide the summary
-                await self.transport.aclose()
+            try:
+                with contextlib.suppress(Exception):  # a failing goodbye must not hide the summary
+                    await self.transport.aclose()
+            finally:
+                self._stopping.clear()  # this run has ended: a later stop() is for the next one
         return WorkerSummary(elapsed=time.monotonic() - started, **self._counts)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:

@@ -535,6 +535,40 @@ def test_a_claim_lost_between_its_scripts_says_what_it_holds_and_keeps_no_connec
         proxy.close()
 
 
+def test_a_claim_whose_last_contents_cannot_be_read_returns_the_claims_it_made(
+    client: redis.Redis, namespace: str
+) -> None:
+    """The connection dies before the last batch's contents are read: the claims already made
+    are returned, whole; the last batch stays held until its lease expires."""
+    proxy = _proxy_to(client)
+    clock = ManualClock(START)
+    direct = sq.SenderQueue(RedisBackend(client, namespace), clock=clock)
+    relayed = _relayed(namespace, proxy, clock, batch=1)
+    backend = relayed.backend
+    try:
+        ids = relayed.enqueue_many(new_message(n=n) for n in range(3))
+        content_keys = backend._content_keys  # type: ignore[attr-defined]
+        reads: list[object] = []
+
+        def cut_third(rows: list[list[object]]) -> tuple[str, ...]:
+            reads.append(rows)
+            if len(reads) == 3:  # the read of the last batch, after its claim script
+                proxy.cut()
+            return content_keys(rows)  # type: ignore[no-any-return]
+
+        backend._content_keys = cut_third  # type: ignore[attr-defined]
+        claims = relayed.claim("s1", 3, lease=timedelta(minutes=1))
+        assert [c.message.id for c in claims] == ids[:2]
+        assert all(c.message.content == new_message().content for c in claims)
+        assert direct.metrics("m1") == sq.Metrics(sending=3)
+        assert direct.report_many([(c, sq.Delivered(code=250)) for c in claims]) == [None, None]
+        clock.advance(timedelta(minutes=2))
+        assert direct.expire_leases() == 1
+    finally:
+        relayed.close()
+        proxy.close()
+
+
 @pytest.mark.parametrize("by_url", [False, True])
 def test_a_claim_whose_later_script_fails_returns_what_it_took(
     client: redis.Redis, namespace: str, by_url: bool

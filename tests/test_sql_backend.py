@@ -317,7 +317,7 @@ class TestSQLBackend:
             nowhere = attrs.evolve(claims[2], token=f"{number[2]}@4294967295.65535")
             too_far = attrs.evolve(claims[3], token=f"{number[3]}@4294967296.1")
             no_place = attrs.evolve(claims[4], token=number[4])
-            garbled = attrs.evolve(claims[5], token=f"{number[5]}@1.2.3")
+            garbled = attrs.evolve(claims[5], token=f"{number[5]}@\u0663.1")  # an Arabic-Indic 3
             results = queue.report_many(
                 [(c, sq.Delivered()) for c in (renewed, elsewhere, nowhere, too_far, no_place, garbled)]
             )

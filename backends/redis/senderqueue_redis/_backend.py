@@ -403,11 +403,20 @@ class RedisBackend:
                 with self._translated():
                     made.add(unread, self._execute(*self._content_keys(unread)))
             except BackendError as failure:
-                held = len(made.claims) + len(unread)
-                raise BackendError(
-                    f"{failure} ({held} messages were claimed before the failure: they come back "
-                    "when their lease expires, as after a crashed worker)"
-                ) from failure
+                # Claimed, but their contents could not be read: they come back when their lease
+                # expires, as after a crashed worker (or a claim whose reply was lost).
+                if not made.claims:
+                    raise BackendError(
+                        f"{failure} ({len(unread)} messages were claimed before the failure: they "
+                        "come back when their lease expires, as after a crashed worker)"
+                    ) from failure
+                _log.warning(
+                    "claim for sender %r returns %d claims; %d more are held until their lease expires: %s",
+                    sender,
+                    len(made.claims),
+                    len(unread),
+                    failure,
+                )
         return made.claims
 
     def _claim_pipelined(

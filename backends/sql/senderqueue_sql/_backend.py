@@ -176,7 +176,7 @@ class _Leave:
 
 # A claim's token: the row's token and, on PostgreSQL, where the claim left the row
 # ("@block.offset", its ctid), so that a report finds the row without an index.
-_TOKEN = re.compile(r"(\d{1,19})(?:@(\d{1,10})\.(\d{1,5}))?")
+_TOKEN = re.compile(r"(\d{1,19})(?:@(\d{1,10})\.(\d{1,5}))?", re.ASCII)
 
 
 def _token(claim: Claim) -> tuple[int, str | None] | None:
@@ -189,9 +189,10 @@ def _token(claim: Claim) -> tuple[int, str | None] | None:
         return None
     if block is None:
         return int(token), None
-    if int(block) >= 2**32 or int(offset) >= 2**16:
+    block_number, offset_number = int(block), int(offset)
+    if block_number >= 2**32 or offset_number >= 2**16:
         return None
-    return int(token), f"({block},{offset})"
+    return int(token), f"({block_number},{offset_number})"
 
 
 def _place(ctid: str) -> str:

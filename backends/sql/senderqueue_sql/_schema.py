@@ -192,8 +192,9 @@ def _v4(conn: Connection, t: Tables) -> None:
     primary = inspector.get_pk_constraint(m)
     if primary["constrained_columns"] == ["id"]:
         return
-    drops = [primary["name"]]
-    drops += [u["name"] for u in inspector.get_unique_constraints(m) if u["column_names"] == ["id"]]
+    names = [primary["name"]]
+    names += [u["name"] for u in inspector.get_unique_constraints(m) if u["column_names"] == ["id"]]
+    drops = [name for name in names if name]
     # Builds the id index anew under an exclusive lock of the table: once, on the first open.
     dropped = "".join(f"DROP CONSTRAINT {name}, " for name in drops)
     conn.execute(sa.text(f"ALTER TABLE {m} {dropped}ADD CONSTRAINT {m}_pkey PRIMARY KEY (id)"))
