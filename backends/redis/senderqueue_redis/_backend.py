@@ -377,8 +377,16 @@ class RedisBackend:
         size = _even(limit, self._batch)
         want = min(limit, size)
         reply: Any = -1
+        settled = False  # a batch of expired leases
         while reply == -1:  # -1: it settled a batch of expired leases, and more may be left
-            reply = self._run(SCRIPTS["claim"], *head, want, *tail, self._batch)
+            try:
+                reply = self._run(SCRIPTS["claim"], *head, want, *tail, self._batch)
+            except BackendError as failure:
+                if not settled:
+                    raise
+                _log.warning("claim for sender %r settled expired leases, then stopped: %s", sender, failure)
+                return []
+            settled = True
         made = _ClaimMaker(sender, now, expires_at)
         unread = _rows(reply)  # claimed rows whose contents are not read yet
         taken = len(unread)
