@@ -502,6 +502,20 @@ def _proxy_to(client: redis.Redis) -> _Proxy:
     return _Proxy((kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379)))
 
 
+def _cut_at_content_read(backend: Any, proxy: _Proxy, n: int) -> None:
+    """Cut the proxied connection when a claim of ``backend`` reads contents for the ``n``-th time."""
+    content_keys = backend._content_keys
+    reads: list[object] = []
+
+    def cut(rows: list[list[object]]) -> tuple[str, ...]:
+        reads.append(rows)
+        if len(reads) == n:
+            proxy.cut()
+        return content_keys(rows)  # type: ignore[no-any-return]
+
+    backend._content_keys = cut
+
+
 def test_a_claim_lost_between_its_scripts_says_what_it_holds_and_keeps_no_connection(
     client: redis.Redis, namespace: str
 ) -> None:
@@ -516,13 +530,7 @@ def test_a_claim_lost_between_its_scripts_says_what_it_holds_and_keeps_no_connec
     pool = backend._pool  # type: ignore[attr-defined]
     try:
         relayed.enqueue_many(new_message(n=n) for n in range(3))
-        content_keys = backend._content_keys  # type: ignore[attr-defined]
-
-        def cut_first(rows: list[list[object]]) -> tuple[str, ...]:
-            proxy.cut()
-            return content_keys(rows)  # type: ignore[no-any-return]
-
-        backend._content_keys = cut_first  # type: ignore[attr-defined]
+        _cut_at_content_read(backend, proxy, 1)
         with pytest.raises(sq.BackendError, match="1 messages were claimed before the failure"):
             relayed.claim("s1", 3, lease=timedelta(minutes=1))
         assert not pool._in_use_connections
@@ -547,16 +555,7 @@ def test_a_claim_whose_last_contents_cannot_be_read_returns_the_claims_it_made(
     backend = relayed.backend
     try:
         ids = relayed.enqueue_many(new_message(n=n) for n in range(3))
-        content_keys = backend._content_keys  # type: ignore[attr-defined]
-        reads: list[object] = []
-
-        def cut_third(rows: list[list[object]]) -> tuple[str, ...]:
-            reads.append(rows)
-            if len(reads) == 3:  # the read of the last batch, after its claim script
-                proxy.cut()
-            return content_keys(rows)  # type: ignore[no-any-return]
-
-        backend._content_keys = cut_third  # type: ignore[attr-defined]
+        _cut_at_content_read(backend, proxy, 3)  # the read of the last batch, after its claim script
         claims = relayed.claim("s1", 3, lease=timedelta(minutes=1))
         assert [c.message.id for c in claims] == ids[:2]
         assert all(c.message.content == new_message().content for c in claims)
