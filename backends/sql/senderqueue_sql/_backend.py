@@ -1149,8 +1149,17 @@ class _Statements:
 
     _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel", "loc")
     _TYPES = (
-        *("text", "bigint", "int", "bigint", "smallint", "smallint", "smallint", "bigint"),
-        *("text", "int", "tid"),
+        "text",
+        "bigint",
+        "int",
+        "bigint",
+        "smallint",
+        "smallint",
+        "smallint",
+        "bigint",
+        "text",
+        "int",
+        "tid",
     )
 
     def settle(self, rows: list[tuple[Any, ...]], now: int) -> tuple[sa.TextClause, dict[str, Any]]:
