@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import operator
 import re
 import secrets
 import threading
@@ -185,20 +186,18 @@ def _token(claim: Claim) -> tuple[int, str | None] | None:
     if found is None:
         return None
     token, block, offset = found.groups()
-    if int(token) >= 2**63:
+    number = int(token)
+    if number >= 2**63:
         return None
     if block is None:
-        return int(token), None
-    block_number, offset_number = int(block), int(offset)
-    if block_number >= 2**32 or offset_number >= 2**16:
+        return number, None
+    # Only a block of 10 digits or an offset of 5 can be out of a ctid's range.
+    if (len(block) == 10 and int(block) >= 2**32) or (len(offset) == 5 and int(offset) >= 2**16):
         return None
-    return int(token), f"({block_number},{offset_number})"
+    return number, f"({block},{offset})"
 
 
-def _place(ctid: str) -> str:
-    """A ctid, ``(block,offset)``, as the token's ``@block.offset``."""
-    block, _, offset = ctid.strip("()").partition(",")
-    return f"@{block}.{offset}"
+_DUE_SEQ = operator.itemgetter(7, 0)  # a claim's rows go out in (due, seq) order
 
 
 class SQLBackend:
@@ -512,7 +511,7 @@ class SQLBackend:
         # them after the claim changes nothing it could take: an expired lease's message is due
         # again only after a backoff, later than now.
         result = self._hot(lambda db: db.rows(self._sql.claim_pg, params), single=True)
-        # The claimed, with their content and where the claim left them (ctid).
+        # The claimed, with their content (the last column says whether leases expired).
         rows = [row[:-1] for row in result if row[0] is not None]
         self._note({row[2] for row in rows})
         if {row[2] for row in rows} - self._names.keys():
@@ -558,22 +557,23 @@ class SQLBackend:
     def _claims(self, db: _Driver | None, rows: list[Any], now: int) -> list[Claim]:
         """Claims of the claimed ``rows``; on SQLite (``db`` given) also learn names and count.
 
-        A row is the claim statement's returned columns and the content; on PostgreSQL then the
-        row's ctid, which the token carries.
+        A row is the claim statement's returned columns (the token as its text), then the content.
         """
         if not rows:
             return []
-        if db is not None:
+        if db is not None:  # PostgreSQL counted in the claim statement itself
             self._learn_names(db, rows)
-        rows.sort(key=lambda row: (row[7], row[0]))  # (due, seq)
+            counts: dict[int, Counter[str]] = defaultdict(Counter)
+            for row in rows:
+                counts[row[2]][_COUNTER[row[5]]] -= 1
+                counts[row[2]]["sending"] += 1
+            self._count(db, counts)
+        rows.sort(key=_DUE_SEQ)
         names = self._names
-        counts: dict[int, Counter[str]] = defaultdict(Counter)
         claims = []
         updated_at = _time(now)
         times: dict[int, datetime] = {}  # a batch shares few distinct times
         known = times.get
-
-        taken: Counter[tuple[int, int]] = Counter()
         sending = State.SENDING
         for (
             _,
@@ -581,7 +581,7 @@ class SQLBackend:
             queue_id,
             recipient,
             mail_from,
-            claimed_from,
+            _,
             attempts,
             due,
             error,
@@ -589,9 +589,7 @@ class SQLBackend:
             token,
             expires_at,
             content,
-            *place,
         ) in rows:
-            taken[queue_id, claimed_from] += 1
             mailing, sender = names[queue_id]
             message = Message(
                 id=id,
@@ -609,13 +607,7 @@ class SQLBackend:
                 updated_at=updated_at,
             )
             expires = known(expires_at) or times.setdefault(expires_at, _time(expires_at))
-            text = f"{token}{_place(place[0])}" if place else str(token)
-            claims.append(Claim(message=message, token=text, expires_at=expires))
-        for (queue_id, claimed_from), n in taken.items():
-            counts[queue_id][_COUNTER[claimed_from]] -= n
-            counts[queue_id]["sending"] += n
-        if db is not None:  # PostgreSQL counted in the claim statement itself
-            self._count(db, counts)
+            claims.append(Claim(message=message, token=token, expires_at=expires))
         return claims
 
     @staticmethod
@@ -892,11 +884,12 @@ class _Driver:
     a claim and report of 100 messages on SQLite). Rows come back as plain tuples.
     """
 
-    __slots__ = ("options", "raw", "sql")
+    __slots__ = ("options", "pg", "raw", "sql")
 
     def __init__(self, raw: Any, sql: Callable[[sa.TextClause], str], pg: bool) -> None:
         self.raw = raw
         self.sql = sql
+        self.pg = pg
         # PostgreSQL sends results in binary: a claim's contents arrive as they are, not in hex
         # at twice their size, to be decoded (a claim of 100 messages of 5 KB: 0.4 ms less).
         self.options = {"binary": True} if pg else {}
@@ -904,6 +897,9 @@ class _Driver:
     def rows(self, statement: sa.TextClause, params: dict[str, Any]) -> list[Any]:
         """Execute; the rows it returns, if any."""
         cursor = self.raw.execute(self.sql(statement), params, **self.options)
+        if self.pg:  # psycopg's description builds an object per column: ask the result itself
+            result = cursor.pgresult
+            return cursor.fetchall() if result is not None and result.nfields else []
         return cursor.fetchall() if cursor.description is not None else []
 
     def many(self, statement: sa.TextClause, rows: list[dict[str, Any]]) -> None:
@@ -978,9 +974,17 @@ class _Statements:
             f"SELECT {lease} FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender) ORDER BY expires_at, seq"
         )
+        # What a claim returns of each row. The token comes as the claim's token text: on
+        # PostgreSQL with where the claim left the row ("@block.offset" of its ctid), so that a
+        # report finds the row by address.
+        token = (
+            f"{m}.token || '@' || translate(CAST({m}.ctid AS text), ',()', '.')"
+            if pg
+            else "CAST(token AS text)"
+        )
         self.returned = (
-            "seq, id, queue_id, recipient, mail_from, claimed_from, attempts, due, last_error, "
-            "created_at, token, expires_at"
+            f"{m}.seq, {m}.id, {m}.queue_id, {m}.recipient, {m}.mail_from, {m}.claimed_from, "
+            f"{m}.attempts, {m}.due, {m}.last_error, {m}.created_at, {token} AS token, {m}.expires_at"
         )
         # Content never changes: a claim reads it beside the rows it took (SQLite).
         self.contents = sa.text(
@@ -990,7 +994,6 @@ class _Statements:
             "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
         )
         self.names = sa.text(f"SELECT id, mailing, sender FROM {q} WHERE id IN ({listed})")
-        returned = [col.strip() for col in self.returned.split(",")]
         self.claimed = (
             f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "
             f"token = :batch + {m}.seq, expires_at = :expires, updated_at = :now"
@@ -1014,11 +1017,11 @@ class _Statements:
             # The picked rows are locked: their physical address stays theirs until the update.
             f"upd AS (UPDATE {m} SET {self.claimed} FROM pick "
             f"WHERE {m}.ctid = pick.tid AND {m}.seq = pick.seq "
-            f"RETURNING {', '.join(m + '.' + col for col in returned)}, CAST({m}.ctid AS text) AS loc), "
+            f"RETURNING {self.returned}), "
             f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
             "FROM upd GROUP BY queue_id) "
-            f"SELECT {', '.join('upd.' + col for col in returned)}, "
-            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, upd.loc, probe.expired "
+            "SELECT upd.*, "
+            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, probe.expired "
             f"FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
