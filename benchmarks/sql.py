@@ -4,9 +4,9 @@ Run ``python benchmarks/sql.py`` (a few minutes; ``--messages 100000`` for a qui
 On each engine, in the same run:
 
 * senderqueue: enqueue_many in batches of 1,000; drain = claim 100 + report_many until empty
-  (``--runs`` runs on a fresh sender queue, taking turns with the raw baseline; the median of
-  each, and every run's ratio printed); metrics of a mailing while 4 worker processes drain
-  it; freeze, unfreeze and clear of a mailing of ``--messages`` messages.
+  (``--runs`` rounds in which the library, the raw baseline and each peer drain a fresh queue
+  in turn; the median of each, and every round's ratios printed); metrics of a mailing while
+  4 worker processes drain it; freeze, unfreeze and clear of a mailing of ``--messages`` messages.
 * raw: the same shape written straight on the driver (sqlite3, psycopg): executemany insert,
   a one-statement batch claim (``UPDATE … WHERE id IN (SELECT … LIMIT 100) RETURNING``, with
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and a one-statement batch ack.
@@ -109,28 +109,29 @@ def senderqueue_drain(url: str, count: int) -> Result:
     return result
 
 
-def alternate(
-    runs: int, ours: Callable[[int], Result], raw: Callable[[int], Result]
-) -> tuple[Result, Result]:
-    """``runs`` drains of the library and the raw baseline, taking turns; the median of each.
+def alternate(runs: int, subjects: dict[str, Callable[[int], Result]]) -> dict[str, Result]:
+    """``runs`` rounds in which every subject drains once, in turn; the median of each.
 
-    On a shared machine one run of each can land far apart; their ratios are printed too.
+    On a shared machine two runs far apart can see different machines: taking turns gives
+    every subject the same conditions. Each round's ratio of the first subject to the others
+    is printed too.
     """
-    mine: list[Result] = []
-    theirs: list[Result] = []
+    results: dict[str, list[Result]] = {name: [] for name in subjects}
     for n in range(runs):
-        mine.append(ours(n))
-        theirs.append(raw(n))
-    ratios = " ".join(f"{a.drain / b.drain:.2f}" for a, b in zip(mine, theirs, strict=True))
-    print(f"  drain ratios of the {runs} runs: {ratios}", flush=True)
-
-    def median(results: list[Result]) -> Result:
-        return Result(
-            enqueue=statistics.median(r.enqueue for r in results),
-            drain=statistics.median(r.drain for r in results),
+        for name, run in subjects.items():
+            results[name].append(run(n))
+    first, *others = subjects
+    for name in others:
+        pairs = zip(results[first], results[name], strict=True)
+        ratios = " ".join(f"{a.drain / b.drain:.2f}" for a, b in pairs)
+        print(f"  drain, {first} / {name}, round by round: {ratios}", flush=True)
+    return {
+        name: Result(
+            enqueue=statistics.median(r.enqueue for r in rounds),
+            drain=statistics.median(r.drain for r in rounds),
         )
-
-    return median(mine), median(theirs)
+        for name, rounds in results.items()
+    }
 
 
 def senderqueue_run(url: str, drained: int, big: int) -> Result:
@@ -377,6 +378,11 @@ def pgqueuer_run(url: str, count: int) -> Result:
 # -- the report -------------------------------------------------------------------------
 
 
+def in_turn(run: Callable[[str, int], Result], path: str, count: int) -> Callable[[int], Result]:
+    """``run`` on a fresh ``path`` each round (``{}`` in it becomes the round's number)."""
+    return lambda n: run(path.format(n), count)
+
+
 def measure(name: str, run: Callable[[], Result]) -> Result:
     started = time.perf_counter()
     result = run()
@@ -394,45 +400,50 @@ def main() -> None:
         "--peer-messages", type=int, default=2_000, help="messages per peer (persist-queue commits each one)"
     )
     parser.add_argument("--engines", default="sqlite,postgresql")
-    parser.add_argument("--runs", type=int, default=5, help="drains of the library and raw, taking turns")
+    parser.add_argument("--runs", type=int, default=5, help="rounds of drains, every subject taking its turn")
     args = parser.parse_args()
     began = time.perf_counter()
-    drained, big, few = args.drain, args.messages, args.peer_messages
+    drained, big = args.drain, args.messages
     tables: list[str] = []
     for engine in args.engines.split(","):
         print(f"{engine}:", flush=True)
+        few = args.peer_messages if engine == "sqlite" else drained
         with tempfile.TemporaryDirectory() as tmp:
             if engine == "sqlite":
                 # The drains first: after a million-message mailing the disk is busy for a while.
-                drains, raw = alternate(
+                drains = alternate(
                     args.runs,
-                    lambda n: senderqueue_drain(f"sqlite:///{tmp}/drain{n}.db", drained),
-                    lambda n: raw_sqlite(f"{tmp}/raw{n}.db", drained),
+                    {
+                        "senderqueue": lambda n: senderqueue_drain(f"sqlite:///{tmp}/drain{n}.db", drained),
+                        "raw": lambda n: raw_sqlite(f"{tmp}/raw{n}.db", drained),
+                        "persist-queue (SQLiteAckQueue)": in_turn(persist_queue, f"{tmp}/persist{{}}", few),
+                        "litequeue": in_turn(litequeue_run, f"{tmp}/lite{{}}.db", few),
+                    },
                 )
                 ours = measure(
                     "senderqueue", partial(senderqueue_run, f"sqlite:///{tmp}/sq.db", drained, big)
                 )
-                peers = {
-                    "persist-queue (SQLiteAckQueue)": measure(
-                        "persist-queue", partial(persist_queue, f"{tmp}/persist", few)
-                    ),
-                    "litequeue": measure("litequeue", partial(litequeue_run, f"{tmp}/lite.db", few)),
-                }
             else:
                 pg = f"{PG_URL}?namespace=bench{uuid.uuid4().hex[:8]}"
-                drains, raw = alternate(
+                drains = alternate(
                     args.runs,
-                    lambda n: senderqueue_drain(f"{PG_URL}?namespace=drain{uuid.uuid4().hex[:8]}", drained),
-                    lambda n: raw_postgresql(PG_URL, drained),
+                    {
+                        "senderqueue": lambda n: senderqueue_drain(
+                            f"{PG_URL}?namespace=drain{uuid.uuid4().hex[:8]}", drained
+                        ),
+                        "raw": lambda n: raw_postgresql(PG_URL, drained),
+                        "pgqueuer": lambda n: pgqueuer_run(PG_URL, drained),
+                    },
                 )
                 ours = measure("senderqueue", partial(senderqueue_run, pg, drained, big))
-                peers = {"pgqueuer": measure("pgqueuer", partial(pgqueuer_run, PG_URL, drained))}
-                few = drained
-        ours.enqueue, ours.drain = drains.enqueue, drains.drain
+        raw = drains.pop("raw")
+        mine = drains.pop("senderqueue")
+        peers = drains
+        ours.enqueue, ours.drain = mine.enqueue, mine.drain
         best = max(peer.drain for peer in peers.values())
         lines = [
-            f"**{engine}**: drain of {drained:,} messages (median of {args.runs} runs taking turns with "
-            f"the raw baseline; {few:,} messages, one run, for the peers); "
+            f"**{engine}**: drain of {drained:,} messages ({few:,} for the peers), median of "
+            f"{args.runs} rounds in which each subject runs once, in turn; "
             f"a mailing of {big:,} for freeze, unfreeze and clear",
             "",
             "| subject | enqueue_many msg/s | drain msg/s | drain vs senderqueue |",
