@@ -212,6 +212,32 @@ class TestSQLBackend:
         engine.dispose()
         queue.close()
 
+    def test_a_callers_engine_gets_its_connection_back_as_it_lent_it(self, url: str) -> None:
+        """Claims, reports and metrics run on the engine's pooled connection in autocommit; what
+        they did is committed, and the connection returns to the pool in a transaction again."""
+        namespace = url.rpartition("namespace=")[2]
+        sa_url = sq.SenderQueue.open(url).backend.engine.url  # type: ignore[attr-defined]
+        engine = sa.create_engine(sa_url, pool_size=1, max_overflow=0)  # one connection, lent each time
+        queue = sq.SenderQueue(SQLBackend(engine, namespace=namespace))
+        queue.enqueue_many([message("m1", "s1", n) for n in range(3)])
+        claims = queue.claim("s1", 3)
+        assert queue.report_many([(claims[0], sq.Delivered())]) == [None]
+        assert queue.metrics("m1") == sq.Metrics(sending=2, delivered=1)
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            if engine.dialect.name == "postgresql":
+                assert raw.autocommit is False
+                conn.execute(sa.text("CREATE TEMPORARY TABLE lent (n int)"))
+                conn.rollback()  # the caller's transaction, rolled back: nothing of it stays
+                assert conn.execute(sa.text("SELECT to_regclass('pg_temp.lent')")).scalar() is None
+        elsewhere = sq.SenderQueue.open(url)  # another engine sees what the lent connection committed
+        assert elsewhere.metrics("m1") == sq.Metrics(sending=2, delivered=1)
+        assert elsewhere.get(claims[0].message.id).state is sq.State.DELIVERED
+        elsewhere.close()
+        queue.close()
+        engine.dispose()
+
     def test_a_bad_namespace_or_url_is_rejected(self, backend_url: str) -> None:
         with pytest.raises(sq.InvalidArgument):
             sq.SenderQueue.open(f"{backend_url}?namespace=Robert'); DROP TABLE")

@@ -20,7 +20,7 @@ import re
 import secrets
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -296,25 +296,59 @@ class SQLBackend:
         if self._pg and not single:
             return self._once(lambda conn: work(self._driver(conn)), False, False)
         engine = self._autocommit if self._pg else self.engine
-        with self._writer or contextlib.nullcontext(), engine.connect() as conn:
-            driver = self._driver(conn)
+        with self._writer or contextlib.nullcontext(), self._pooled(engine) as driver:
+            if self._pg:
+                return work(driver)  # one statement in autocommit
+            driver.raw.execute("BEGIN IMMEDIATE")
             try:
-                if self._pg:
-                    return work(driver)  # one statement in autocommit
-                driver.raw.execute("BEGIN IMMEDIATE")
                 result = work(driver)
                 driver.raw.execute("COMMIT")
                 return result
             except self._errors as error:
-                if self.engine.dialect.is_disconnect(cast(Any, error), driver.raw, None):
-                    conn.invalidate()  # never back into the pool
-                elif not self._pg and driver.raw.in_transaction:
+                lost = engine.dialect.is_disconnect(cast(Any, error), driver.raw, None)
+                if not lost and driver.raw.in_transaction:
                     driver.raw.execute("ROLLBACK")
                 raise
             except BaseException:
-                if not self._pg and driver.raw.in_transaction:
+                if driver.raw.in_transaction:
                     driver.raw.execute("ROLLBACK")
                 raise
+
+    def _read(self, work: Callable[[_Driver], T]) -> T:
+        """Run a one-statement read on the driver, outside a transaction; errors as in :meth:`_run`."""
+
+        def once() -> T:
+            with self._pooled(self._reader) as driver:
+                return work(driver)
+
+        return self._attempt(once, read=True)
+
+    @contextlib.contextmanager
+    def _pooled(self, engine: Engine) -> Iterator[_Driver]:
+        """A pooled connection as a driver, without a SQLAlchemy ``Connection`` around it.
+
+        That wrapper costs about 0.14 ms a call on PostgreSQL, on the hot paths and the metrics.
+        On PostgreSQL the connection runs in autocommit (every caller runs one statement), and
+        goes back to the pool as it came. A connection that failed by disconnecting is dropped,
+        never handed out again.
+        """
+        proxied = engine.raw_connection()
+        raw: Any = proxied.driver_connection
+        # A caller's engine: its connections are in transactions, until this one is lent.
+        lent = self._pg and not raw.autocommit
+        if lent:
+            raw.autocommit = True
+        try:
+            yield _Driver(raw, self._sql.driver_sql, self._pg)
+        except self._errors as error:
+            if engine.dialect.is_disconnect(cast(Any, error), raw, None):
+                proxied.invalidate()
+                lent = False
+            raise
+        finally:
+            if lent and not raw.closed:
+                raw.autocommit = False
+            proxied.close()  # back to the pool
 
     def _driver(self, conn: Connection) -> _Driver:
         return _Driver(conn.connection.driver_connection, self._sql.driver_sql, self._pg)
@@ -794,7 +828,7 @@ class SQLBackend:
 
     def _metrics(self, mailing: str, sender: str | None) -> dict[str, Metrics]:
         params = {"mailing": mailing, "sender": sender}
-        rows = self._run(lambda conn: self._driver(conn).rows(self._sql.metrics, params), read=True)
+        rows = self._read(lambda db: db.rows(self._sql.metrics, params))
         result = {}
         for sender, frozen, *counts in rows:
             new, retries, sending, delivered, failed, deleted = map(int, counts)
