@@ -6,7 +6,8 @@ On each engine, in the same run:
 * senderqueue: enqueue_many in batches of 1,000; drain = claim 100 + report_many until empty
   (``--runs`` rounds in which the library, the raw baseline and each peer drain a fresh queue
   in turn; the median of each, and every round's ratios printed); metrics of a mailing while
-  4 worker processes drain it; freeze, unfreeze and clear of a mailing of ``--messages`` messages.
+  4 worker processes drain it (on PostgreSQL with a ``SELECT 1`` between two reads: the wait any
+  statement meets under that load); freeze, unfreeze and clear of a mailing of ``--messages`` messages.
 * raw: the same shape written straight on the driver (sqlite3, psycopg): executemany insert,
   a one-statement batch claim (``UPDATE … WHERE id IN (SELECT … LIMIT 100) RETURNING``, with
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and a one-statement batch ack.
@@ -148,6 +149,8 @@ def senderqueue_run(url: str, drained: int, big: int) -> Result:
     for worker in workers:
         worker.start()
     samples: list[float] = []
+    pings: list[float] = []  # PostgreSQL: a SELECT 1 between two reads, what any statement waits for
+    probe = psycopg.connect(PG_URL, autocommit=True) if url.startswith("postgresql") else None
     while queue.metrics("busy").total == queue.metrics("busy").new:  # wait until they are at work
         time.sleep(0.01)
     while any(worker.is_alive() for worker in workers) and len(samples) < 5000:
@@ -155,10 +158,18 @@ def senderqueue_run(url: str, drained: int, big: int) -> Result:
         queue.metrics("busy")
         samples.append(time.perf_counter() - started)
         time.sleep(0.001)
+        if probe is not None:
+            started = time.perf_counter()
+            probe.execute("SELECT 1").fetchall()
+            pings.append(time.perf_counter() - started)
+            time.sleep(0.001)
     for worker in workers:
         worker.join()
     result.extra["metrics under load, median µs"] = statistics.median(samples) * 1e6
     result.extra["metrics under load, p99 µs"] = statistics.quantiles(samples, n=100)[98] * 1e6
+    if probe is not None:
+        probe.close()
+        result.extra["a SELECT 1 under the same load, median µs"] = statistics.median(pings) * 1e6
 
     # Freeze, unfreeze and clear of a big mailing.
     for batch in messages("big", big, senders=4):
