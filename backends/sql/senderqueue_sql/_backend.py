@@ -334,20 +334,22 @@ class SQLBackend:
         """
         proxied = engine.raw_connection()
         raw: Any = proxied.driver_connection
-        # A caller's engine: its connections are in transactions, until this one is lent.
-        lent = self._pg and not raw.autocommit
-        if lent:
-            raw.autocommit = True
+        lent = False  # a caller's engine: its connections are in transactions until one is lent
         try:
+            if self._pg and not raw.autocommit:
+                raw.autocommit = True
+                lent = True
             yield _Driver(raw, self._sql.driver_sql, self._pg)
         except self._errors as error:
             if engine.dialect.is_disconnect(cast(Any, error), raw, None):
                 proxied.invalidate()
-                lent = False
             raise
         finally:
-            if lent and not raw.closed:
-                raw.autocommit = False
+            if lent and proxied.is_valid:
+                try:
+                    raw.autocommit = False
+                except self._errors:  # interrupted in the middle of a statement: not fit to lend again
+                    proxied.invalidate()
             proxied.close()  # back to the pool
 
     def _driver(self, conn: Connection) -> _Driver:
