@@ -330,12 +330,12 @@ class TestSQLBackend:
     def test_a_report_finds_its_row_where_the_claim_left_it_or_by_id(self, url: str) -> None:
         """On PostgreSQL a token says where the claim left the row; a row moved since (a renewal)
         is found by its id, a place that names another row or none changes nothing, and a token
-        of another shape is a lost lease."""
+        of another shape or spelling (a leading zero) is a lost lease."""
         queue = sq.SenderQueue.open(url, clock=ManualClock(START))
         pg = url.startswith("postgresql")
         try:
-            fill(queue, [("m1", "s1")], 6)
-            claims = queue.claim("s1", 6)
+            fill(queue, [("m1", "s1")], 7)
+            claims = queue.claim("s1", 7)
             assert all(("@" in c.token) is pg for c in claims)
             renewed = queue.renew(claims[0])  # the row moves (a new row version on PostgreSQL)
             number = [c.token.partition("@")[0] for c in claims]
@@ -344,17 +344,14 @@ class TestSQLBackend:
             too_far = attrs.evolve(claims[3], token=f"{number[3]}@4294967296.1")
             no_place = attrs.evolve(claims[4], token=number[4])
             garbled = attrs.evolve(claims[5], token=f"{number[5]}@\u0663.1")  # an Arabic-Indic 3
-            results = queue.report_many(
-                [(c, sq.Delivered()) for c in (renewed, elsewhere, nowhere, too_far, no_place, garbled)]
-            )
-            assert [type(r) for r in results] == [type(None)] * 3 + [sq.LeaseLost] + [type(None)] + [
-                sq.LeaseLost
-            ]
-            assert queue.metrics("m1") == sq.Metrics(sending=2, delivered=4)
-            assert queue.report_many([(claims[3], sq.Delivered()), (claims[5], sq.Delivered())]) == [
-                None,
-                None,
-            ]
+            _, at, place = claims[6].token.partition("@")
+            padded = attrs.evolve(claims[6], token=f"{number[6]}@0{place}" if at else f"{number[6]}@00.1")
+            reported = (renewed, elsewhere, nowhere, too_far, no_place, garbled, padded)
+            results = queue.report_many([(c, sq.Delivered()) for c in reported])
+            lost = [type(r) is sq.LeaseLost for r in results]
+            assert lost == [False, False, False, True, False, True, True]
+            assert queue.metrics("m1") == sq.Metrics(sending=3, delivered=4)
+            assert queue.report_many([(claims[n], sq.Delivered()) for n in (3, 5, 6)]) == [None] * 3
         finally:
             queue.close()
 

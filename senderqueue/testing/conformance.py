@@ -296,6 +296,19 @@ class BackendConformance:
             queue.deliver(ghost)
         assert _snapshot(queue, ids) == before
 
+    def test_a_token_spelt_otherwise_is_another_token(self, queue: SenderQueue) -> None:
+        ids = _fill(queue, 1)
+        (claim,) = queue.claim("s1")
+        before = _snapshot(queue, ids)
+        for token in ("0" + claim.token, " " + claim.token, claim.token + " ", claim.token + "\n"):
+            respelt = attrs.evolve(claim, token=token)
+            with pytest.raises(LeaseLost):
+                queue.deliver(respelt)
+            with pytest.raises(LeaseLost):
+                queue.renew(respelt)
+        assert _snapshot(queue, ids) == before
+        queue.deliver(claim)
+
     def test_soft_bounce_waits_with_growing_backoff(self, queue: SenderQueue, clock: ManualClock) -> None:
         (message_id,) = _fill(queue, 1)
         queue.soft_bounce(queue.claim("s1")[0], "451 4.7.1 busy")

@@ -177,7 +177,8 @@ class _Leave:
 
 # A claim's token: the row's token and, on PostgreSQL, where the claim left the row
 # ("@block.offset", its ctid), so that a report finds the row without an index.
-_TOKEN = re.compile(r"(\d{1,19})(?:@(\d{1,10})\.(\d{1,5}))?", re.ASCII)
+# Numbers as the database spells them, without leading zeros: a token has one spelling only.
+_TOKEN = re.compile(r"(0|[1-9]\d{0,18})(?:@(0|[1-9]\d{0,9})\.([1-9]\d{0,4}))?", re.ASCII)
 
 
 def _token(claim: Claim) -> tuple[int, str | None] | None:
