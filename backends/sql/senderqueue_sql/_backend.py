@@ -548,11 +548,15 @@ class SQLBackend:
         # them after the claim changes nothing it could take: an expired lease's message is due
         # again only after a backoff, later than now.
         result = self._hot(lambda db: db.rows(self._sql.claim_pg, params), single=True)
-        # The claimed, with their content (the last column says whether leases expired).
-        rows = [row[:-1] for row in result if row[0] is not None]
+        # The claimed, with their content, then their sender queue's mailing (so that nothing
+        # is left to read once the claim is made) and whether the sender has leases that expired.
+        rows = []
+        names = self._names
+        for row in result:
+            if row[0] is not None:
+                names.setdefault(row[2], (row[-2], sender))
+                rows.append(row[:-2])
         self._note({row[2] for row in rows})
-        if {row[2] for row in rows} - self._names.keys():
-            self._run(lambda conn: self._learn_names(self._driver(conn), rows), read=True)
         claims = self._claims(None, rows, at)
         if result and result[0][-1]:
 
@@ -1046,7 +1050,7 @@ class _Statements:
         # One statement: lock the sender's unfrozen queues (share), take the oldest due of each
         # queue's current epoch from the claim index, skipping rows other workers hold, merge, count.
         self.claim_pg = sa.text(
-            f"WITH qs AS (SELECT id, epoch FROM {q} WHERE sender = :sender AND NOT frozen "
+            f"WITH qs AS (SELECT id, epoch, mailing FROM {q} WHERE sender = :sender AND NOT frozen "
             "ORDER BY id FOR SHARE), "
             "pick AS (SELECT p.tid, p.seq FROM qs CROSS JOIN LATERAL "
             f"(SELECT ctid AS tid, seq, due FROM {m} WHERE queue_id = qs.id AND epoch = qs.epoch AND {ready} "
@@ -1058,7 +1062,8 @@ class _Statements:
             f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
             "FROM upd GROUP BY queue_id) "
             "SELECT upd.*, "
-            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, probe.expired "
+            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, "
+            "(SELECT mailing FROM qs WHERE qs.id = upd.queue_id) AS mailing, probe.expired "
             f"FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
             f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
         )
