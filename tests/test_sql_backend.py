@@ -355,6 +355,36 @@ class TestSQLBackend:
         finally:
             queue.close()
 
+    def test_a_claim_says_what_it_did_when_settling_expired_leases_fails(self, url: str) -> None:
+        """On PostgreSQL the claim commits first and the expired leases are settled after it: if
+        that fails, the claims made are returned and the leases wait for the next claim. On
+        SQLite both are one transaction: the claim fails whole, and nothing changes."""
+        clock = ManualClock(START)
+        queue = sq.SenderQueue.open(url, clock=clock)
+        try:
+            fill(queue, [("m1", "s1")], 2)
+            (held,) = queue.claim("s1", 1, lease=timedelta(seconds=1))
+            clock.advance(timedelta(seconds=2))
+            backend = queue.backend
+            assert isinstance(backend, SQLBackend)
+            expired_of_sender = backend._sql.expired_of_sender
+            backend._sql.expired_of_sender = sa.text("SELECT * FROM no_such_table")  # settling fails
+            try:
+                if url.startswith("postgresql"):
+                    (made,) = queue.claim("s1", 5)
+                    assert made.message.id != held.message.id
+                    assert queue.metrics("m1") == sq.Metrics(sending=2)
+                else:
+                    with pytest.raises(sq.BackendError):
+                        queue.claim("s1", 5)
+                    assert queue.metrics("m1") == sq.Metrics(new=1, sending=1)
+            finally:
+                backend._sql.expired_of_sender = expired_of_sender
+            assert queue.expire_leases() == 1
+            assert queue.get(held.message.id).state is sq.State.RETRIES
+        finally:
+            queue.close()
+
     def test_an_unreachable_database_is_a_backend_error(self, backend_url: str, tmp_path: Path) -> None:
         if backend_url.startswith("sqlite"):
             bad = f"sqlite:///{tmp_path}/no/such/dir/queue.db"

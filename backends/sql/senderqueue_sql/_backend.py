@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import operator
 import re
 import secrets
@@ -198,6 +199,7 @@ def _token(claim: Claim) -> tuple[int, str | None] | None:
     return number, f"({block},{offset})"
 
 
+_log = logging.getLogger("senderqueue.sql")
 _DUE_SEQ = operator.itemgetter(7, 0)  # a claim's rows go out in (due, seq) order
 
 
@@ -564,7 +566,14 @@ class SQLBackend:
                 expired = db.rows(self._sql.expired_of_sender, params)
                 self._settle(db, [self._expiry(row) for row in expired], now, retry)
 
-            self._hot(expire)
+            try:
+                self._hot(expire)
+            except BackendError as failure:
+                # The claim is made: the call says what it did. The leases stay expired, for the
+                # next claim or expire_leases() to settle.
+                _log.warning(
+                    "claim for sender %r made %d claims, then stopped: %s", sender, len(claims), failure
+                )
         return claims
 
     def _claim_sqlite(
