@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -254,9 +255,39 @@ class TestSQLBackend:
         m, ct = t.messages.name, t.contents.name
         blob = sa.LargeBinary().compile(dialect=engine.dialect)
         pg = engine.dialect.name == "postgresql"
-        # Back to the shape version 1 left: no terminal index, content in the message row, and
-        # seq the primary key.
+        c, deltas = t.counts.name, f"{t.prefix}deltas"
+        columns = "new, retries, sending, delivered, failed, deleted"
+        # Back to the shape version 1 left: no terminal index, content in the message row, seq
+        # the primary key, one counts row per sender queue and, on PostgreSQL, deltas beside it
+        # (here the queue's one new message is a delta, not yet folded in).
         with engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {c} RENAME TO {c}_now"))
+            if pg:
+                conn.execute(sa.text(f"ALTER INDEX {c}_pkey RENAME TO {c}_now_pkey"))
+            big = "BIGINT NOT NULL"
+            conn.execute(
+                sa.text(
+                    f"CREATE TABLE {c} (queue_id INTEGER PRIMARY KEY, new {big}, retries {big}, "
+                    f"sending {big}, delivered {big}, failed {big}, deleted {big})"
+                )
+            )
+            conn.execute(sa.text(f"INSERT INTO {c} SELECT queue_id, {columns} FROM {c}_now"))
+            conn.execute(sa.text(f"DROP TABLE {c}_now"))
+            if pg:
+                conn.execute(
+                    sa.text(
+                        f"CREATE TABLE {deltas} (id BIGSERIAL PRIMARY KEY, queue_id INTEGER NOT NULL, "
+                        f"new {big}, retries {big}, sending {big}, "
+                        f"delivered {big}, failed {big}, deleted {big})"
+                    )
+                )
+                conn.execute(sa.text(f"UPDATE {c} SET new = new - 1"))
+                conn.execute(
+                    sa.text(
+                        f"INSERT INTO {deltas} ({columns}, queue_id) "
+                        f"SELECT 1, 0, 0, 0, 0, 0, queue_id FROM {c}"
+                    )
+                )
             if pg:
                 conn.execute(
                     sa.text(
@@ -273,15 +304,18 @@ class TestSQLBackend:
 
         _backend._READY.clear()  # as a fresh process would
         backend = SQLBackend(engine, namespace=namespace)
-        assert backend.schema_version() == SCHEMA_VERSION == 4
+        assert backend.schema_version() == SCHEMA_VERSION == 5
         inspector = sa.inspect(engine)
         assert t.terminal_index in {i["name"] for i in inspector.get_indexes(m)}
         assert "content" not in {column["name"] for column in inspector.get_columns(m)}
         assert inspector.get_pk_constraint(m)["constrained_columns"] == (["id"] if pg else ["seq"])
+        assert inspector.get_pk_constraint(c)["constrained_columns"] == ["queue_id", "slot"]
+        assert not inspector.has_table(deltas)
         if pg:  # the id's unique index is the primary key's now, not a second one
             assert not inspector.get_unique_constraints(m)
         assert backend.get("old").content == CONTENT
         queue = sq.SenderQueue(backend)
+        assert queue.metrics("m1") == sq.Metrics(new=1)
         (claim,) = queue.claim("s1", 1)
         with pytest.raises(sq.DuplicateMessage):
             queue.enqueue_many([message("m1", "s1", 1, message_id="old")])
@@ -290,7 +324,7 @@ class TestSQLBackend:
         with engine.begin() as conn:
             conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
         _backend._READY.clear()
-        with pytest.raises(sq.BackendError, match="schema version 5"):
+        with pytest.raises(sq.BackendError, match="schema version 6"):
             SQLBackend(engine, namespace=namespace)
         backend.destroy()
         engine.dispose()
@@ -392,6 +426,51 @@ class TestSQLBackend:
             bad = "postgresql://postgres@127.0.0.1:1/test"
         with pytest.raises(sq.BackendError):
             sq.SenderQueue.open(bad)
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+def test_writers_never_wait_on_each_others_counts(url: str) -> None:
+    """PostgreSQL: while another transaction holds a sender queue's counts rows, every change
+    counts in a row of its own instead of waiting, and the sums stay exact."""
+    queue = sq.SenderQueue.open(url, clock=ManualClock(START))
+    backend = queue.backend
+    assert isinstance(backend, SQLBackend)
+    counts = backend._t.counts.name
+
+    def rows() -> int:
+        with backend.engine.connect() as conn:
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {counts}")).scalar_one())
+
+    fill(queue, [("m1", "s1"), ("m1", "s2")], 10)
+    assert rows() == 2  # one per sender queue
+    done = threading.Event()
+
+    def changes() -> None:
+        queue.enqueue_many([message("m1", "s1", 10, "late-1"), message("m1", "s2", 11, "late-2")])
+        claims = queue.claim("s1", 3)
+        queue.report_many([(claims[0], sq.Delivered()), (claims[1], sq.SoftBounce(code=451, text="busy"))])
+        assert queue.freeze("m1") == 10
+        assert queue.clear("m1", "s2") == 6
+        done.set()
+
+    holder = psycopg.connect(str(backend.engine.url.set(drivername="postgresql")))
+    try:
+        holder.execute(f"SELECT * FROM {counts} FOR UPDATE")  # held until the rollback below
+        worker = threading.Thread(target=changes)
+        worker.start()
+        worker.join(timeout=60)
+        assert done.is_set(), "a change waited for the transaction that holds the counts rows"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert queue.metrics("m1") == sq.Metrics(frozen=4, sending=1, delivered=1, deleted=6)
+    assert rows() == 4  # each sender queue got a second row
+    assert queue.unfreeze("m1") == 4
+    (claim,) = queue.claim("s1", 1)
+    assert queue.report_many([(claim, sq.Delivered())]) == [None]
+    assert queue.metrics("m1") == sq.Metrics(new=2, retries=1, sending=1, delivered=2, deleted=6)
+    assert rows() == 4  # nothing held: the first row again
+    queue.close()
 
 
 @pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)

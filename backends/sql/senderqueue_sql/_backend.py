@@ -19,9 +19,8 @@ import logging
 import operator
 import re
 import secrets
-import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -74,7 +73,6 @@ _STATES |= {DELIVERED: State.DELIVERED, FAILED: State.FAILED, DELETED: State.DEL
 _CODES = {state: code for code, state in _STATES.items()}
 _COUNTER = {NEW: "new", RETRIES: "retries", DELIVERED: "delivered", FAILED: "failed", DELETED: "deleted"}
 _RETRYABLE = {"40P01", "40001"}  # deadlock detected, serialization failure: nothing was done; go again
-_COMPACT_AFTER = 64  # deltas a sender queue gathers before this process folds them into its base row
 _BATCH = 1000  # rows per settle statement: SQLite allows 32,766 bound values in one
 
 
@@ -239,8 +237,6 @@ class SQLBackend:
         self._sql = _Statements(self._t, engine.dialect)
         self._shared = False
         self._closed = False
-        self._lock = threading.Lock()
-        self._pending: Counter[int] = Counter()  # deltas written per sender queue since its last fold
         self._names: dict[int, tuple[str, str]] = {}  # sender queue id -> (mailing, sender); never change
         self._ensure_schema()
 
@@ -375,8 +371,6 @@ class SQLBackend:
                 raise BackendError(f"the database failed: {error.orig}") from error
             except exc.SQLAlchemyError as error:
                 raise BackendError(f"the database failed: {error}") from error
-            if self._pg and not read:
-                self._fold()
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -421,39 +415,14 @@ class SQLBackend:
         """Add ``changes`` to the sender queues' counts, in the caller's transaction."""
         rows = [
             {"queue_id": queue_id, **{name: change[name] for name in COUNTS}}
-            for queue_id, change in changes.items()
+            for queue_id, change in sorted(changes.items())
             if any(change.values())
         ]
-        if not rows:
-            return
-        if self._pg:
-            # Appended, not updated: concurrent workers never queue behind one hot counter row.
-            db.many(self._sql.add_deltas, rows)
-            self._note(row["queue_id"] for row in rows)
-        else:
-            # SQLite has one writer at a time anyway; the base row is the cheapest place.
+        if rows:
             db.many(self._sql.add_counts, rows)
 
-    def _note(self, queue_ids: Iterable[int]) -> None:
-        """Remember that these sender queues got one row of deltas each (PostgreSQL)."""
-        with self._lock:
-            self._pending.update(queue_ids)
-
-    def _fold(self) -> None:
-        """Fold the deltas of the busiest sender queues into their base rows (PostgreSQL)."""
-        with self._lock:
-            due = [queue_id for queue_id, n in self._pending.items() if n >= _COMPACT_AFTER]
-            for queue_id in due:
-                del self._pending[queue_id]
-        for queue_id in due:
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(self._sql.fold, {"queue_id": queue_id})
-            except exc.SQLAlchemyError:
-                pass  # an optimisation only: the deltas stay and are summed on read
-
     def _sums(self, db: _Driver, queue_ids: Sequence[int]) -> dict[int, Counter[str]]:
-        """The counts of these sender queues: base rows plus deltas, in one statement (one snapshot)."""
+        """The counts of these sender queues, in one statement (one snapshot)."""
         rows = db.rows(self._sql.sums, {"ids": json.dumps(list(queue_ids))})
         return {row[0]: Counter(dict(zip(COUNTS, map(int, row[1:]), strict=True))) for row in rows}
 
@@ -487,7 +456,7 @@ class SQLBackend:
                     .returning(q.c.id)
                 ).scalar()
                 if made is not None:
-                    conn.execute(t.counts.insert().values(queue_id=made, **dict.fromkeys(COUNTS, 0)))
+                    conn.execute(t.counts.insert().values(queue_id=made, slot=0, **dict.fromkeys(COUNTS, 0)))
         query = sa.select(q.c.id, q.c.mailing, q.c.sender, q.c.epoch, q.c.frozen).where(where)
         rows = conn.execute(query.order_by(q.c.id).with_for_update(read=True)).all()
         return {(row.mailing, row.sender): row for row in rows}
@@ -558,7 +527,6 @@ class SQLBackend:
             if row[0] is not None:
                 names.setdefault(row[2], (row[-2], sender))
                 rows.append(row[:-2])
-        self._note({row[2] for row in rows})
         claims = self._claims(None, rows, at)
         if result and result[0][-1]:
 
@@ -687,9 +655,7 @@ class SQLBackend:
                 rows = [leave.row(now, retry, micros) for leave in chunk]
                 statement, params = self._sql.settle(rows, at)
                 settled = db.rows(statement, params)  # (id, queue_id, state)
-                if self._pg:
-                    self._note({queue_id for _, queue_id, _ in settled})
-                else:
+                if not self._pg:  # PostgreSQL counts in the same statement
                     counts: dict[int, Counter[str]] = defaultdict(Counter)
                     for _, queue_id, state in settled:
                         counts[queue_id][_COUNTER[state]] += 1
@@ -784,14 +750,13 @@ class SQLBackend:
 
         if self._pg:
             # Two statements: the lock waits for claims and reports in flight; the second, with a
-            # snapshot taken after it, sees their counts and writes epoch, clear and deltas at once.
+            # snapshot taken after it, sees their counts and writes epoch, clear and counts at once.
             def work_pg(conn: Connection) -> int:
                 db = self._driver(conn)
                 ids = [row[0] for row in db.rows(self._sql.lock_queues, locked)]
                 if not ids:
                     return 0
                 rows = db.rows(self._sql.clear_pg, {"ids": ids, "now": at})
-                self._note(queue_id for queue_id, _ in rows)
                 return sum(cleared for _, cleared in rows)
 
             return self._run(work_pg)
@@ -968,42 +933,30 @@ class _Statements:
     def __init__(self, t: Tables, dialect: sa.Dialect) -> None:
         self.dialect = dialect
         self.pg = pg = dialect.name == "postgresql"
-        m, q, c, d = t.messages.name, t.queues.name, t.counts.name, t.deltas.name
+        m, q, c = t.messages.name, t.queues.name, t.counts.name
         cl, ct = t.clears.name, t.contents.name
-        self.m, self.q, self.d = m, q, d
-        self.add_deltas = sa.text(
-            f"INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
-            f"VALUES (:queue_id, {', '.join(':' + name for name in COUNTS)})"
-        )
-        self.add_counts = sa.text(
-            f"UPDATE {c} SET "
-            + ", ".join(f"{name} = {name} + :{name}" for name in COUNTS)
-            + " WHERE queue_id = :queue_id"
-        )
-        sums = ", ".join(f"COALESCE(SUM({name}), 0) AS {name}" for name in COUNTS)
-        self.fold = sa.text(
-            f"WITH gone AS (DELETE FROM {d} WHERE id IN "
-            f"(SELECT id FROM {d} WHERE queue_id = :queue_id FOR UPDATE SKIP LOCKED) RETURNING *), "
-            f"total AS (SELECT {sums} FROM gone) "
-            f"UPDATE {c} SET " + ", ".join(f"{n} = {c}.{n} + total.{n}" for n in COUNTS) + " FROM total "
-            f"WHERE {c}.queue_id = :queue_id"
-        )
-
-        def outstanding(queue_ids: str) -> str:
-            """The join that adds these queues' deltas (PostgreSQL) to their counts row ``c``."""
-            if not pg:
-                return ""
-            return (
-                f"LEFT JOIN (SELECT queue_id, {sums} FROM {d} WHERE queue_id IN ({queue_ids}) "
-                "GROUP BY queue_id) s ON s.queue_id = c.queue_id "
+        self.m, self.q, self.c = m, q, c
+        if pg:
+            self.add_counts = sa.text(
+                self.tally(
+                    "VALUES (CAST(:queue_id AS int), "
+                    + ", ".join(f"CAST(:{name} AS bigint)" for name in COUNTS)
+                    + ")"
+                )
             )
-
-        # A sender queue's counts: its base row plus, on PostgreSQL, its outstanding deltas.
-        totals = ", ".join(f"c.{n} + COALESCE(s.{n}, 0) AS {n}" if pg else f"c.{n}" for n in COUNTS)
+        else:
+            # SQLite has one writer at a time, and one counts row per sender queue.
+            self.add_counts = sa.text(
+                f"UPDATE {c} SET "
+                + ", ".join(f"{name} = {name} + :{name}" for name in COUNTS)
+                + " WHERE queue_id = :queue_id AND slot = 0"
+            )
+        summed = ", ".join(f"CAST(SUM(c.{n}) AS BIGINT) AS {n}" for n in COUNTS)
+        # A sender queue's counts: the sum of its rows.
         self.metrics = sa.text(
-            f"SELECT q.sender, q.frozen, {totals} FROM {q} q JOIN {c} c ON c.queue_id = q.id "
-            + outstanding(f"SELECT id FROM {q} WHERE mailing = :mailing")
-            + "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) ORDER BY q.id"
+            f"SELECT q.sender, q.frozen, {summed} FROM {q} q JOIN {c} c ON c.queue_id = q.id "
+            "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) "
+            "GROUP BY q.id, q.sender, q.frozen ORDER BY q.id"
         ).bindparams(sa.bindparam("sender", type_=sa.String))
         self.get = sa.text(
             "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, ct.content, m.state, m.attempts, "
@@ -1068,8 +1021,7 @@ class _Statements:
             f"upd AS (UPDATE {m} SET {self.claimed} FROM pick "
             f"WHERE {m}.ctid = pick.tid AND {m}.seq = pick.seq "
             f"RETURNING {self.returned}), "
-            f"ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) SELECT queue_id, {counted} "
-            "FROM upd GROUP BY queue_id) "
+            f"ins AS ({self.tally(f'SELECT queue_id, {counted} FROM upd GROUP BY queue_id')}) "
             "SELECT upd.*, "
             f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, "
             "(SELECT mailing FROM qs WHERE qs.id = upd.queue_id) AS mailing, probe.expired "
@@ -1126,21 +1078,18 @@ class _Statements:
             f"INSERT INTO {cl} (queue_id, epoch, cleared_at) VALUES (:queue_id, :epoch, :cleared_at)"
         )
         self.sums = sa.text(
-            f"SELECT c.queue_id, {totals} FROM {c} c {outstanding(listed)}WHERE c.queue_id IN ({listed})"
+            f"SELECT c.queue_id, {summed} FROM {c} c WHERE c.queue_id IN ({listed}) GROUP BY c.queue_id"
         )
         # A queue with nothing queued or sending keeps its epoch: there is nothing to mark.
-        pending = ", ".join(f"CAST(sum({n}) AS bigint) AS {n}" for n in ("new", "retries", "sending"))
+        pending = ", ".join(f"CAST(SUM(c.{n}) AS BIGINT) AS {n}" for n in ("new", "retries", "sending"))
         self.clear_pg = sa.text(
             f"WITH qs AS (SELECT id, epoch FROM {q} WHERE id = ANY(CAST(:ids AS int[]))), "
-            "s AS (SELECT qs.id, qs.epoch, c.new + COALESCE(p.new, 0) AS new, "
-            "c.retries + COALESCE(p.retries, 0) AS retries, c.sending + COALESCE(p.sending, 0) AS sending "
-            f"FROM qs JOIN {c} c ON c.queue_id = qs.id LEFT JOIN (SELECT queue_id, {pending} FROM {d} "
-            "WHERE queue_id IN (SELECT id FROM qs) GROUP BY queue_id) p ON p.queue_id = qs.id), "
+            f"s AS (SELECT qs.id, qs.epoch, {pending} FROM qs JOIN {c} c ON c.queue_id = qs.id "
+            "GROUP BY qs.id, qs.epoch), "
             "hit AS (SELECT * FROM s WHERE new + retries + sending > 0), "
             f"bump AS (UPDATE {q} SET epoch = {q}.epoch + 1 FROM hit WHERE {q}.id = hit.id), "
             f"ended AS (INSERT INTO {cl} (queue_id, epoch, cleared_at) SELECT id, epoch, :now FROM hit), "
-            f"counted AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
-            "SELECT id, -new, -retries, 0, 0, 0, new + retries FROM hit) "
+            f"counted AS ({self.tally('SELECT id, -new, -retries, 0, 0, 0, new + retries FROM hit')}) "
             "SELECT id AS queue_id, new + retries AS cleared FROM hit"
         )
         # SQLite: count first, then delete; PostgreSQL counts what it deleted in the same statement.
@@ -1216,13 +1165,33 @@ class _Statements:
         "tid",
     )
 
+    def tally(self, source: str) -> str:
+        """PostgreSQL: the INSERT that adds ``source``'s rows (a queue id, then COUNTS) to the counts.
+
+        Each is added to the first of its queue's rows that no other transaction holds, or to a
+        new row when all are held, so concurrent writers never wait on each other's counts. A
+        queue gets as many rows as it has seen writers at once; a read sums them.
+        """
+        c = self.c
+        slot = (
+            f"COALESCE((SELECT slot FROM {c} WHERE queue_id = s.queue_id ORDER BY slot LIMIT 1 "
+            f"FOR UPDATE SKIP LOCKED), (SELECT max(slot) + 1 FROM {c} WHERE queue_id = s.queue_id), 0)"
+        )
+        return (
+            f"INSERT INTO {c} (queue_id, slot, {', '.join(COUNTS)}) "
+            f"SELECT s.queue_id, {slot}, {', '.join(f's.{n}' for n in COUNTS)} "
+            f"FROM ({source}) AS s (queue_id, {', '.join(COUNTS)}) ORDER BY s.queue_id "
+            "ON CONFLICT (queue_id, slot) DO UPDATE SET "
+            + ", ".join(f"{n} = {c}.{n} + excluded.{n}" for n in COUNTS)
+        )
+
     def settle(self, rows: list[tuple[Any, ...]], now: int) -> tuple[sa.TextClause, dict[str, Any]]:
         """The statement that settles ``rows`` (one per claim, no message twice), and its parameters."""
         return self._settle_statement, {"rows": json.dumps(rows), "now": now}
 
     @functools.cached_property
     def _settle_statement(self) -> sa.TextClause:
-        m, q, d = self.m, self.q, self.d
+        m, q = self.m, self.q
         # One JSON parameter: a fixed statement whatever the batch size, and on PostgreSQL far
         # cheaper to send than ten arrays (the driver dumps arrays element by element).
         if self.pg:
@@ -1283,6 +1252,7 @@ class _Statements:
             + [f"count(*) FILTER (WHERE state = {s})" for s in (DELIVERED, FAILED, DELETED)]
         )
         return sa.text(
-            f"{head}, upd AS ({update}), ins AS (INSERT INTO {d} (queue_id, {', '.join(COUNTS)}) "
-            f"SELECT queue_id, {counted} FROM upd GROUP BY queue_id) SELECT id, queue_id, state FROM upd"
+            f"{head}, upd AS ({update}), "
+            f"ins AS ({self.tally(f'SELECT queue_id, {counted} FROM upd GROUP BY queue_id')}) "
+            "SELECT id, queue_id, state FROM upd"
         )

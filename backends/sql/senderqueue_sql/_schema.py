@@ -66,21 +66,16 @@ class Tables:
             sa.UniqueConstraint("mailing", "sender"),
             sa.Index(f"{prefix}queues_sender", "sender"),
         )
-        # The base counts of each sender queue. On PostgreSQL writers append to `deltas`
-        # instead, so that concurrent workers never wait on one hot row; they are folded in here.
+        # The counts of each sender queue, as the sum of its rows. SQLite has one writer at a time
+        # and one row per queue (slot 0). On PostgreSQL a writer adds to a row no other writer
+        # holds at that moment, and makes a new one if they all are held: the queue has as many
+        # rows as it has seen concurrent writers, and workers never wait on each other's counts.
         self.counts = sa.Table(
             f"{prefix}counts",
             metadata,
             sa.Column("queue_id", sa.Integer, primary_key=True),
+            sa.Column("slot", sa.SmallInteger, primary_key=True),
             *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTS),
-        )
-        self.deltas = sa.Table(
-            f"{prefix}deltas",
-            metadata,
-            sa.Column("id", _SEQ, primary_key=True, autoincrement=True),
-            sa.Column("queue_id", sa.Integer, nullable=False),
-            *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTS),
-            sa.Index(f"{prefix}deltas_queue", "queue_id"),
         )
         # clears(queue, epoch): the clear that ended that epoch, for the derived `updated_at`.
         self.clears = sa.Table(
@@ -200,7 +195,39 @@ def _v4(conn: Connection, t: Tables) -> None:
     conn.execute(sa.text(f"ALTER TABLE {m} {dropped}ADD CONSTRAINT {m}_pkey PRIMARY KEY (id)"))
 
 
-MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3, _v4]
+def _v5(conn: Connection, t: Tables) -> None:
+    """Version 5: a sender queue's counts become the sum of its rows in ``counts``, one per slot.
+
+    Up to version 4, PostgreSQL writers appended rows to a ``deltas`` table, which processes folded
+    into the queue's one ``counts`` row; a read summed both. The deltas are folded in here, for
+    the last time, and the table dropped.
+    """
+    c, deltas = t.counts.name, f"{t.prefix}deltas"
+    inspector = sa.inspect(conn)
+    if "slot" in {column["name"] for column in inspector.get_columns(c)}:
+        return  # made by this code's version 1
+    columns = ", ".join(COUNTS)
+    old = f"{c}_v4"
+    conn.execute(sa.text(f"ALTER TABLE {c} RENAME TO {old}"))
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text(f"ALTER INDEX {c}_pkey RENAME TO {old}_pkey"))
+    t.counts.create(conn)
+    base = f"SELECT queue_id, {columns} FROM {old}"
+    if inspector.has_table(deltas):
+        base += f" UNION ALL SELECT queue_id, {columns} FROM {deltas}"
+    sums = ", ".join(f"CAST(SUM({name}) AS BIGINT)" for name in COUNTS)
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {c} (queue_id, slot, {columns}) "
+            f"SELECT queue_id, 0, {sums} FROM ({base}) b GROUP BY queue_id"
+        )
+    )
+    conn.execute(sa.text(f"DROP TABLE {old}"))
+    if inspector.has_table(deltas):
+        conn.execute(sa.text(f"DROP TABLE {deltas}"))
+
+
+MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3, _v4, _v5]
 """``MIGRATIONS[n]`` takes a namespace from schema version ``n`` to ``n + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""
