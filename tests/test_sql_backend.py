@@ -474,6 +474,45 @@ def test_writers_never_wait_on_each_others_counts(url: str) -> None:
 
 
 @pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+def test_reads_keep_a_connection_that_outlives_a_restart_and_a_fork(url: str) -> None:
+    """PostgreSQL: reads run on a connection the engine keeps. One whose server process is gone
+    is replaced without an error; a forked child opens its own and leaves its parent's alone."""
+    queue = sq.SenderQueue.open(url)
+    backend = queue.backend
+    assert isinstance(backend, SQLBackend)
+    assert backend._kept is not None
+    kept = backend._kept
+
+    def server_pid() -> int:
+        return kept.run(lambda raw: int(raw.info.backend_pid), lambda: -1)
+
+    fill(queue, [("m1", "s1")], 3)
+    assert queue.metrics("m1") == sq.Metrics(new=3)
+    first = server_pid()
+    with psycopg.connect(str(backend.engine.url.set(drivername="postgresql")), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        deadline = time.monotonic() + 10
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first,)).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert queue.metrics("m1") == sq.Metrics(new=3)  # on a new connection, without an error
+    second = server_pid()
+    assert second != first
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's result is its exit status)
+        status = 1
+        try:
+            status = 0 if queue.metrics("m1") == sq.Metrics(new=3) and server_pid() not in (-1, second) else 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child read on its parent's connection or failed"
+    assert server_pid() == second  # the parent's connection is alive and still its own
+    assert queue.metrics("m1") == sq.Metrics(new=3)
+    queue.close()
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
 class TestLostConnection:
     """``pg_terminate_backend`` mid-operation: a ``BackendError``, and no partial effect."""
 

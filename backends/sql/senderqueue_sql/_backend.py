@@ -233,6 +233,7 @@ class SQLBackend:
             self._reader = self._autocommit = _engines.autocommit(engine)
         else:
             self._reader = self._autocommit = engine.execution_options(**{_engines.READ: True})
+        self._kept = _engines.kept(engine)  # PostgreSQL, an engine made from a URL: reads skip the pool
         self._t = tables(namespace)
         self._sql = _Statements(self._t, engine.dialect)
         self._shared = False
@@ -316,11 +317,15 @@ class SQLBackend:
     def _read(self, work: Callable[[_Driver], T]) -> T:
         """Run a one-statement read on the driver, outside a transaction; errors as in :meth:`_run`."""
 
-        def once() -> T:
+        def pooled() -> T:
             with self._pooled(self._reader) as driver:
                 return work(driver)
 
-        return self._attempt(once, read=True)
+        if self._kept is None:
+            return self._attempt(pooled, read=True)
+        sql = self._sql.driver_sql
+        kept = self._kept
+        return self._attempt(lambda: kept.run(lambda raw: work(_Driver(raw, sql, True)), pooled), read=True)
 
     @contextlib.contextmanager
     def _pooled(self, engine: Engine) -> Iterator[_Driver]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import sqlalchemy as sa
@@ -14,7 +17,19 @@ from sqlalchemy.engine import Connection, Engine
 
 from senderqueue import InvalidArgument
 
-__all__ = ["READ", "acquire", "autocommit", "parse_url", "prepare", "release", "writer_lock"]
+__all__ = [
+    "READ",
+    "KeptConnection",
+    "acquire",
+    "autocommit",
+    "kept",
+    "parse_url",
+    "prepare",
+    "release",
+    "writer_lock",
+]
+
+T = TypeVar("T")
 
 READ = "senderqueue_read"
 """Execution option of a one-statement read: it runs in autocommit, without a transaction of its own."""
@@ -23,6 +38,7 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _prepared: weakref.WeakSet[Engine] = weakref.WeakSet()
 _writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 _autocommit: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_kept: weakref.WeakKeyDictionary[Engine, KeptConnection] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _shared: dict[str, tuple[Engine, int]] = {}
 
@@ -105,7 +121,78 @@ def _create(sa_url: str, options: dict[str, str]) -> Engine:
     _autocommit[engine] = sa.create_engine(
         sa_url, pool_size=8, max_overflow=16, pool_use_lifo=True, isolation_level="AUTOCOMMIT"
     )
+    _kept[engine] = KeptConnection(engine)
     return engine
+
+
+class KeptConnection:
+    """A driver connection in autocommit that an engine keeps for one-statement reads (PostgreSQL).
+
+    A metrics read is one short statement; taking a connection from the pool and giving it back
+    cost more than the statement itself under load. One thread at a time reads on it; the others
+    go to the pool. A connection that fails is dropped, and a read whose connection had been
+    lost (a restarted server) runs once more on a new one: a read changes nothing.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._connection: Any = None
+
+    def run(self, work: Callable[[Any], T], otherwise: Callable[[], T]) -> T:
+        """``work(connection)`` on the kept connection, or ``otherwise()`` if another thread has it."""
+        if not self._lock.acquire(blocking=False):
+            return otherwise()
+        try:
+            fresh = self._connection is None
+            if fresh:
+                self._connection = self._connect()
+            try:
+                return work(self._connection)
+            except self._engine.dialect.loaded_dbapi.Error as error:
+                lost = self._engine.dialect.is_disconnect(error, self._connection, None)
+                self._discard()
+                if not lost or fresh:
+                    raise
+            self._connection = self._connect()
+            return work(self._connection)
+        except BaseException:
+            self._discard()  # failed or interrupted in the middle of a statement: not fit to keep
+            raise
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close the connection, if there is one (after the read in progress, if it ends soon)."""
+        if self._lock.acquire(timeout=5):
+            try:
+                self._discard()
+            finally:
+                self._lock.release()
+
+    def forget(self) -> None:
+        """In a forked child: leave the parent's connection alone (psycopg does not close a
+        connection collected in another process than the one that opened it)."""
+        self._lock = threading.Lock()
+        self._connection = None
+
+    def _connect(self) -> Any:
+        dialect = self._engine.dialect
+        args, kwargs = dialect.create_connect_args(self._engine.url)
+        connection = dialect.connect(*args, **kwargs)
+        connection.autocommit = True
+        return connection
+
+    def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+def kept(engine: Engine) -> KeptConnection | None:
+    """The connection kept for reads of an engine made from a URL (PostgreSQL), else None."""
+    return _kept.get(engine)
 
 
 def autocommit(engine: Engine) -> Engine:
@@ -132,6 +219,8 @@ def release(engine: Engine) -> None:
                     shared.dispose()
                     if shared in _autocommit:
                         _autocommit[shared].dispose()
+                    if shared in _kept:
+                        _kept[shared].close()
                 return
 
 
@@ -143,8 +232,17 @@ def _forget_in_child() -> None:
         engine.dispose(close=False)
     for sibling in _autocommit.values():
         sibling.dispose(close=False)
+    for connection in _kept.values():
+        connection.forget()
     for engine in list(_writers):
         _writers[engine] = threading.Lock()
 
 
+def _close_kept() -> None:
+    """At exit: close the kept connections this process opened, as a pool's would be."""
+    for connection in list(_kept.values()):
+        connection.close()
+
+
 os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_close_kept)
