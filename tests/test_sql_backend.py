@@ -475,6 +475,33 @@ def test_writers_never_wait_on_each_others_counts(url: str) -> None:
 
 
 @pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+def test_a_claim_leaves_the_senders_queues_without_work_alone(url: str) -> None:
+    """PostgreSQL: a claim locks only the sender's queues that have a message due, so a
+    transaction holding the queue of a drained mailing does not hold the sender's claims up."""
+    queue = sq.SenderQueue.open(url, clock=ManualClock(START))
+    backend = queue.backend
+    assert isinstance(backend, SQLBackend)
+    fill(queue, [("old", "s1")], 1)
+    (claim,) = queue.claim("s1", 1)
+    assert queue.report_many([(claim, sq.Delivered())]) == [None]
+    fill(queue, [("new", "s1")], 3)
+    claimed: list[sq.Claim] = []
+    holder = psycopg.connect(str(backend.engine.url.set(drivername="postgresql")))
+    try:
+        q = backend._t.queues.name
+        holder.execute(f"SELECT * FROM {q} WHERE mailing = 'old' FOR UPDATE")  # as a clear would
+        worker = threading.Thread(target=lambda: claimed.extend(queue.claim("s1", 5)))
+        worker.start()
+        worker.join(timeout=60)
+        assert len(claimed) == 3, "the claim waited for the drained mailing's queue"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert queue.metrics("new") == sq.Metrics(sending=3)
+    queue.close()
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
 def test_reads_keep_a_connection_that_outlives_a_restart_and_a_fork(url: str) -> None:
     """PostgreSQL: reads run on a connection the engine keeps. One whose server process is gone
     is replaced without an error; a forked child opens its own and leaves its parent's alone."""
