@@ -39,6 +39,7 @@ _prepared: weakref.WeakSet[Engine] = weakref.WeakSet()
 _writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 _autocommit: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 _kept: weakref.WeakKeyDictionary[Engine, KeptConnection] = weakref.WeakKeyDictionary()
+_inherited: list[Any] = []  # a forked child's copies of its parent's kept connections
 _lock = threading.Lock()
 _shared: dict[str, tuple[Engine, int]] = {}
 
@@ -171,9 +172,12 @@ class KeptConnection:
                 self._lock.release()
 
     def forget(self) -> None:
-        """In a forked child: leave the parent's connection alone (psycopg does not close a
-        connection collected in another process than the one that opened it)."""
+        """In a forked child: leave the parent's connection alone, open, and never use it."""
         self._lock = threading.Lock()
+        if self._connection is not None:
+            # Kept referenced: collected, it would only warn that it was never closed (psycopg
+            # does not close a connection in another process than the one that opened it).
+            _inherited.append(self._connection)
         self._connection = None
 
     def _connect(self) -> Any:
@@ -211,6 +215,7 @@ def acquire(sa_url: str, options: dict[str, str]) -> Engine:
 
 def release(engine: Engine) -> None:
     """One user less; the last one closes the pooled connections (the engine stays for reuse)."""
+    last = None
     with _lock:
         for key, (shared, users) in _shared.items():
             if shared is engine:
@@ -219,9 +224,10 @@ def release(engine: Engine) -> None:
                     shared.dispose()
                     if shared in _autocommit:
                         _autocommit[shared].dispose()
-                    if shared in _kept:
-                        _kept[shared].close()
-                return
+                    last = _kept.get(shared)
+                break
+    if last is not None:  # outside the lock: it may wait for a read in progress
+        last.close()
 
 
 def _forget_in_child() -> None:
