@@ -552,8 +552,8 @@ class SQLBackend:
     def _claim_sqlite(
         self, db: _Driver, params: dict[str, Any], now: datetime, retry: RetryPolicy
     ) -> list[Any]:
-        # One look at the sender's queues (id, epoch, frozen, first lease expiry) says which are
-        # ready and whether any lease ran out.
+        # One look at the sender's queues (id, epoch, frozen, first lease expiry, a message due)
+        # says which are ready and whether any lease ran out.
         queues = db.rows(self._sql.sender_queues, params)
         if any(expiry is not None and expiry <= params["now"] for _, _, _, expiry, _ in queues):
             expired = db.rows(self._sql.expired_of_sender, params)
@@ -1021,8 +1021,9 @@ class _Statements:
                 "count(*), 0, 0, 0",
             ]
         )
-        # One statement: lock the sender's unfrozen queues (share), take the oldest due of each
-        # queue's current epoch from the claim index, skipping rows other workers hold, merge, count.
+        # One statement: lock the sender's unfrozen queues that have a message due (share), take
+        # the oldest due of each queue's current epoch from the claim index, skipping rows other
+        # workers hold, merge, count.
         self.claim_pg = sa.text(
             f"WITH qs AS (SELECT id, epoch, mailing FROM {q} q WHERE sender = :sender AND NOT frozen "
             f"AND {has_due} ORDER BY id FOR SHARE), "
