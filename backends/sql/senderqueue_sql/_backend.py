@@ -272,14 +272,14 @@ class SQLBackend:
         ``single``: the work is one statement, a transaction of its own; on PostgreSQL it runs
         in autocommit, which saves the BEGIN and COMMIT round trips.
         """
-        return self._attempt(lambda: self._once(work, read, single), read=read)
+        return self._attempt(lambda: self._once(work, read, single))
 
     def _hot(self, work: Callable[[_Driver], T], *, single: bool = False) -> T:
         """Run ``work`` on the driver's own connection in one transaction (claims and reports).
 
         The transaction is begun and ended on the driver as well; errors as in :meth:`_run`.
         """
-        return self._attempt(lambda: self._once_hot(work, single), read=False)
+        return self._attempt(lambda: self._once_hot(work, single))
 
     def _once(self, work: Callable[[Connection], T], read: bool, single: bool) -> T:
         lock = None if read else self._writer
@@ -322,10 +322,10 @@ class SQLBackend:
                 return work(driver)
 
         if self._kept is None:
-            return self._attempt(pooled, read=True)
+            return self._attempt(pooled)
         sql = self._sql.driver_sql
         kept = self._kept
-        return self._attempt(lambda: kept.run(lambda raw: work(_Driver(raw, sql, True)), pooled), read=True)
+        return self._attempt(lambda: kept.run(lambda raw: work(_Driver(raw, sql, True)), pooled))
 
     @contextlib.contextmanager
     def _pooled(self, engine: Engine) -> Iterator[_Driver]:
@@ -359,7 +359,7 @@ class SQLBackend:
     def _driver(self, conn: Connection) -> _Driver:
         return _Driver(conn.connection.driver_connection, self._sql.driver_sql, self._pg)
 
-    def _attempt(self, once: Callable[[], T], *, read: bool) -> T:
+    def _attempt(self, once: Callable[[], T]) -> T:
         for attempt in range(8):
             try:
                 result = once()
@@ -1094,10 +1094,9 @@ class _Statements:
             f"SELECT c.queue_id, {summed} FROM {c} c WHERE c.queue_id IN ({listed}) GROUP BY c.queue_id"
         )
         # A queue with nothing queued or sending keeps its epoch: there is nothing to mark.
-        pending = ", ".join(f"CAST(SUM(c.{n}) AS BIGINT) AS {n}" for n in ("new", "retries", "sending"))
         self.clear_pg = sa.text(
             f"WITH qs AS (SELECT id, epoch FROM {q} WHERE id = ANY(CAST(:ids AS int[]))), "
-            f"s AS (SELECT qs.id, qs.epoch, {pending} FROM qs JOIN {c} c ON c.queue_id = qs.id "
+            f"s AS (SELECT qs.id, qs.epoch, {summed} FROM qs JOIN {c} c ON c.queue_id = qs.id "
             "GROUP BY qs.id, qs.epoch), "
             "hit AS (SELECT * FROM s WHERE new + retries + sending > 0), "
             f"bump AS (UPDATE {q} SET epoch = {q}.epoch + 1 FROM hit WHERE {q}.id = hit.id), "
@@ -1182,8 +1181,9 @@ class _Statements:
         """PostgreSQL: the INSERT that adds ``source``'s rows (a queue id, then COUNTS) to the counts.
 
         Each is added to the first of its queue's rows that no other transaction holds, or to a
-        new row when all are held, so concurrent writers never wait on each other's counts. A
-        queue gets as many rows as it has seen writers at once; a read sums them.
+        new row when all are held, so a writer does not wait for another's commit (unless two
+        make the same new row at once). A queue gets as many rows as it has seen writers at once;
+        a read sums them.
         """
         c = self.c
         slot = (

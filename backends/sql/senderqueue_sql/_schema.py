@@ -69,7 +69,7 @@ class Tables:
         # The counts of each sender queue, as the sum of its rows. SQLite has one writer at a time
         # and one row per queue (slot 0). On PostgreSQL a writer adds to a row no other writer
         # holds at that moment, and makes a new one if they all are held: the queue has as many
-        # rows as it has seen concurrent writers, and workers never wait on each other's counts.
+        # rows as it has seen concurrent writers, and writers do not wait for each other's commits.
         self.counts = sa.Table(
             f"{prefix}counts",
             metadata,
@@ -213,7 +213,8 @@ def _v5(conn: Connection, t: Tables) -> None:
         conn.execute(sa.text(f"ALTER INDEX {c}_pkey RENAME TO {old}_pkey"))
     t.counts.create(conn)
     base = f"SELECT queue_id, {columns} FROM {old}"
-    if inspector.has_table(deltas):
+    had_deltas = inspector.has_table(deltas)
+    if had_deltas:
         base += f" UNION ALL SELECT queue_id, {columns} FROM {deltas}"
     sums = ", ".join(f"CAST(SUM({name}) AS BIGINT)" for name in COUNTS)
     conn.execute(
@@ -223,7 +224,7 @@ def _v5(conn: Connection, t: Tables) -> None:
         )
     )
     conn.execute(sa.text(f"DROP TABLE {old}"))
-    if inspector.has_table(deltas):
+    if had_deltas:
         conn.execute(sa.text(f"DROP TABLE {deltas}"))
 
 
