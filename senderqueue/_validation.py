@@ -11,6 +11,7 @@ import ipaddress
 import itertools
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Final
@@ -44,14 +45,25 @@ _ADDRESS = re.compile(
 )
 
 
+# Unicode's graphic characters are letters, marks, numbers, punctuation, symbols and spaces (Zs):
+# what is left is controls, format characters (bidi overrides, zero-width joiners), surrogates,
+# private use, unassigned code points, and line and paragraph separators.
+_NOT_GRAPHIC: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def check_id(kind: str, value: object, error: type[InvalidArgument] = InvalidArgument) -> str:
-    """Return ``value`` if it is an id: 1 to 255 printable characters; else raise ``error``."""
+    """Return ``value`` if it is an id: 1 to 255 printable characters; else raise ``error``.
+
+    Printable means graphic in Unicode's sense: any letter, mark, number, punctuation, symbol
+    or space (a no-break or an ideographic space too), never a control or format character.
+    """
     if not isinstance(value, str):
         raise error(f"{kind} must be a string, not {type(value).__name__}")
     if not 1 <= len(value) <= MAX_ID_LENGTH:
         raise error(f"{kind} must be 1 to {MAX_ID_LENGTH} characters long, not {len(value)}")
-    if not value.isprintable():
-        raise error(f"{kind} {value!r} has a control or separator character")
+    # str.isprintable() refuses every space but U+0020: only then are the characters looked up.
+    if not value.isprintable() and any(unicodedata.category(c) in _NOT_GRAPHIC for c in value):
+        raise error(f"{kind} {value!r} has a control, format or line separator character")
     return value
 
 

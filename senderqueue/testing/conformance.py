@@ -188,6 +188,8 @@ class BackendConformance:
             "'; DROP TABLE messages; --",
             "пример рассылки",
             "邮件",
+            "春のセール\u30002026",
+            "no\xa0break",
             "x" * 255,
             "back\\slash %s %",
         ]
