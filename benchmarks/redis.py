@@ -13,7 +13,10 @@ Workloads, as in ``benchmarks/memory.py``:
   library also with ``batch=0``, one script per call, to show what shorter scripts cost);
 * metrics of the big mailing, idle and while 4 worker processes drain another mailing (median,
   p90, p99; and with ``batch=0``), with a PING between two reads: what any command waits for
-  while Redis is that busy;
+  while Redis is that busy; again while 4 ``SenderWorker`` processes (concurrency 20, a
+  ``FakeSMTPTransport`` that answers at once) drain it, as an application's workers would; and
+  PINGs alone while 4 processes drain raw Lua queues, the same shape by hand: the wait that load
+  sets on this machine, whoever implements it;
 * freeze, unfreeze and clear of the big mailing;
 * memory per queued message: ``INFO memory`` before and after the big mailing.
 
@@ -146,14 +149,27 @@ while claims := queue.claim(sys.argv[2], 100, timedelta(minutes=5)):
 """
 
 
+SENDER_WORKER = r"""
+import sys
+import senderqueue as sq
+queue = sq.SenderQueue.open(sys.argv[1])
+worker = sq.SenderWorker(queue, sq.FakeSMTPTransport(), sender=sys.argv[2], concurrency=20)
+print("ready", flush=True)
+worker.run_until_idle()
+"""
+
+
 def metrics_under_load(
-    url: str, queue: sq.SenderQueue, count: int, client: redis.Redis
+    url: str, queue: sq.SenderQueue, count: int, client: redis.Redis, drainer: str = DRAINER
 ) -> tuple[list[float], list[float]]:
     """Latencies (seconds) of the metrics of a mailing while 4 worker processes drain it, and of
-    PINGs sent between them: what any command waits for under the same load."""
+    PINGs sent between them: what any command waits for under the same load.
+
+    ``drainer`` is the workers' code: a tight claim and report loop, or ``SENDER_WORKER``.
+    """
     library_fill(queue, "busy", count, SENDERS)
     workers = [
-        subprocess.Popen([sys.executable, "-c", DRAINER, url, f"s{n}"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", drainer, url, f"s{n}"], stdout=subprocess.PIPE, text=True)
         for n in range(SENDERS)
     ]
     for worker in workers:
@@ -173,6 +189,53 @@ def metrics_under_load(
             if worker.stdout is not None:
                 worker.stdout.close()
     return samples, pings
+
+
+RAW_DRAINER = r"""
+import importlib.util, sys
+import redis
+spec = importlib.util.spec_from_file_location("redis_benchmark", sys.argv[1])
+bench = sys.modules["redis_benchmark"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+raw = bench.RawQueue(redis.Redis.from_url(sys.argv[2]), sys.argv[3])
+print("ready", flush=True)
+raw.drain()
+"""
+
+
+def pings_under_raw_load(redis_url: str, client: redis.Redis, count: int) -> list[float]:
+    """Latencies (seconds) of PINGs while 4 processes drain raw Lua queues of ``count`` in all."""
+    queues = [RawQueue(client, uuid.uuid4().hex[:8]) for _ in range(SENDERS)]
+    try:
+        for raw in queues:
+            raw.fill(count // SENDERS)
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", RAW_DRAINER, os.path.abspath(__file__), redis_url, raw.name],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for raw in queues
+        ]
+        for worker in workers:
+            assert worker.stdout is not None
+            worker.stdout.readline()
+        pings: list[float] = []
+        try:
+            while all(w.poll() is None for w in workers):
+                pings.append(timed(client.ping))
+                time.sleep(0.001)
+        finally:
+            for worker in workers:
+                worker.wait(timeout=600)
+                if worker.stdout is not None:
+                    worker.stdout.close()
+        if any(worker.returncode for worker in workers):
+            raise RuntimeError("a raw Lua worker failed")
+        return pings
+    finally:
+        for raw in queues:
+            raw.destroy()
 
 
 # -- raw redis-py + Lua ------------------------------------------------------------------
@@ -238,6 +301,7 @@ class RawQueue:
 
     def __init__(self, client: redis.Redis, name: str) -> None:
         self.client = client
+        self.name = name
         self.key = "{raw-" + name + "}"
         self.enqueue_script = client.register_script(RAW_ENQUEUE)
         self.claim_script = client.register_script(RAW_CLAIM)
@@ -464,6 +528,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         busy, pings = metrics_under_load(url, queue, args.busy, client)
         progress("metrics while 4 workers drain with batch=0")
         busy_whole, pings_whole = metrics_under_load(url + "&batch=0", queue, args.busy, client)
+        progress("metrics while 4 SenderWorkers drain")
+        busy_workers, pings_workers = metrics_under_load(url, queue, args.busy, client, SENDER_WORKER)
+        progress("PING while 4 raw Lua workers drain")
+        pings_raw = pings_under_raw_load(args.url, client, args.busy)
         loads.append(os.getloadavg()[0])
     finally:
         queue.backend.destroy()  # type: ignore[attr-defined]
@@ -531,6 +599,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             {"senderqueue": statistics.median(pings_whole) * ms},
         ),
         Row("  the same with batch=0, p90", "ms", {"senderqueue": p90_whole * ms}),
+        Row(
+            "metrics while 4 SenderWorkers (concurrency 20, fake SMTP) drain, median",
+            "ms",
+            {"senderqueue": statistics.median(busy_workers) * ms},
+        ),
+        Row(
+            "  PING under the SenderWorkers' load, median",
+            "ms",
+            {"senderqueue": statistics.median(pings_workers) * ms},
+        ),
+        Row(
+            "  PING while 4 raw Lua workers drain (the same shape by hand), median",
+            "ms",
+            {"raw Lua": statistics.median(pings_raw) * ms},
+        ),
         Row(
             f"freeze the {n:,} mailing, median",
             "ms",
