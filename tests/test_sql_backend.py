@@ -260,8 +260,30 @@ class TestSQLBackend:
         columns = "new, retries, sending, delivered, failed, deleted"
         # Back to the shape version 1 left: no terminal index, content in the message row, seq
         # the primary key, one counts row per sender queue and, on PostgreSQL, deltas beside it
-        # (here the queue's one new message is a delta, not yet folded in).
+        # (here the queue's one new message is a delta, not yet folded in) and the envelope in
+        # the message row.
         with engine.begin() as conn:
+            if pg:
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {m} ADD COLUMN id varchar(255), ADD COLUMN recipient varchar(254), "
+                        "ADD COLUMN mail_from varchar(254), ADD COLUMN created_at bigint"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        f"UPDATE {m} SET id = e.id, recipient = e.recipient, mail_from = e.mail_from, "
+                        f"created_at = e.created_at FROM {ct} e WHERE e.seq = {m}.seq"
+                    )
+                )
+                primary = f"ADD CONSTRAINT {m}_pkey PRIMARY KEY (id)"
+                conn.execute(sa.text(f"ALTER TABLE {m} DROP CONSTRAINT {m}_pkey, {primary}"))
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {ct} DROP COLUMN id, DROP COLUMN recipient, DROP COLUMN mail_from, "
+                        "DROP COLUMN created_at"
+                    )
+                )
             conn.execute(sa.text(f"ALTER TABLE {c} RENAME TO {c}_now"))
             if pg:
                 conn.execute(sa.text(f"ALTER INDEX {c}_pkey RENAME TO {c}_now_pkey"))
@@ -305,15 +327,19 @@ class TestSQLBackend:
 
         _backend._READY.clear()  # as a fresh process would
         backend = SQLBackend(engine, namespace=namespace)
-        assert backend.schema_version() == SCHEMA_VERSION == 5
+        assert backend.schema_version() == SCHEMA_VERSION == 6
         inspector = sa.inspect(engine)
         assert t.terminal_index in {i["name"] for i in inspector.get_indexes(m)}
         assert "content" not in {column["name"] for column in inspector.get_columns(m)}
-        assert inspector.get_pk_constraint(m)["constrained_columns"] == (["id"] if pg else ["seq"])
+        assert inspector.get_pk_constraint(m)["constrained_columns"] == ["seq"]
         assert inspector.get_pk_constraint(c)["constrained_columns"] == ["queue_id", "slot"]
         assert not inspector.has_table(deltas)
-        if pg:  # the id's unique index is the primary key's now, not a second one
+        if pg:  # the envelope and the id's unique index are beside the content, the message row narrow
             assert not inspector.get_unique_constraints(m)
+            assert not {"id", "recipient", "mail_from", "created_at"} & {
+                column["name"] for column in inspector.get_columns(m)
+            }
+            assert [u["column_names"] for u in inspector.get_unique_constraints(ct)] == [["id"]]
         assert backend.get("old").content == CONTENT
         queue = sq.SenderQueue(backend)
         assert queue.metrics("m1") == sq.Metrics(new=1)
@@ -325,7 +351,7 @@ class TestSQLBackend:
         with engine.begin() as conn:
             conn.execute(t.meta.update().values(value=str(SCHEMA_VERSION + 1)))
         _backend._READY.clear()
-        with pytest.raises(sq.BackendError, match="schema version 6"):
+        with pytest.raises(sq.BackendError, match="schema version 7"):
             SQLBackend(engine, namespace=namespace)
         backend.destroy()
         engine.dispose()

@@ -483,15 +483,16 @@ class SQLBackend:
                 rows.append((message.message_id, queue.id, message.recipient, message.mail_from, queue.epoch))
             db = self._driver(conn)
             # One statement for the batch, in order (seq is enqueue order); a taken id inserts nothing.
-            params = {"rows": json.dumps(rows), "now": at}
-            made = {id: seq for seq, id in db.rows(self._sql.enqueue, params)}
-            if len(made) < len(rows):
-                raise _Taken
-            seqs = [made[message.message_id] for message in messages]
-            if self._pg:
-                contents = {"seqs": seqs, "contents": [message.content for message in messages]}
-                db.rows(self._sql.add_contents, contents)
+            params: dict[str, Any] = {"rows": json.dumps(rows), "now": at}
+            if self._pg:  # the contents go in the same statement
+                params["contents"] = [message.content for message in messages]
+                if len(db.rows(self._sql.enqueue, params)) < len(rows):
+                    raise _Taken
             else:
+                made = {id: seq for seq, id in db.rows(self._sql.enqueue, params)}
+                if len(made) < len(rows):
+                    raise _Taken
+                seqs = [made[message.message_id] for message in messages]
                 db.many(
                     self._sql.add_contents,
                     [
@@ -507,8 +508,8 @@ class SQLBackend:
         except _Taken:
             pass
         # Rolled back: find which id was taken (it may have been taken by a concurrent enqueue).
-        m = self._t.messages
-        taken = set(self._run(lambda c: c.execute(sa.select(m.c.id).where(m.c.id.in_(ids))).scalars().all()))
+        found = self._read(lambda db: db.rows(self._sql.taken, {"ids": json.dumps(ids)}))
+        taken = {id for (id,) in found}
         raise DuplicateMessage(next((str(i) for i in ids if i in taken), str(ids[0])))
 
     def claim(
@@ -707,13 +708,10 @@ class SQLBackend:
         parsed = _token(claim)
         token = None if parsed is None else parsed[0]
         expires_at = now + lease
-        m = self._t.messages
-        statement = (
-            m.update()
-            .where(m.c.id == claim.message.id, m.c.token == token, m.c.state == SENDING)
-            .values(expires_at=_us(expires_at))
-        )
-        if token is None or not self._run(lambda conn: conn.execute(statement).rowcount, single=True):
+        params = {"id": claim.message.id, "token": token, "expires": _us(expires_at)}
+        if token is None or not self._run(
+            lambda conn: conn.execute(self._sql.renew, params).rowcount, single=True
+        ):
             raise LeaseLost(claim.message.id)
         return Claim(message=claim.message, token=claim.token, expires_at=expires_at)
 
@@ -940,7 +938,7 @@ class _Statements:
         self.pg = pg = dialect.name == "postgresql"
         m, q, c = t.messages.name, t.queues.name, t.counts.name
         cl, ct = t.clears.name, t.contents.name
-        self.m, self.q, self.c = m, q, c
+        self.m, self.q, self.c, self.ct = m, q, c, ct
         if pg:
             self.add_counts = sa.text(
                 self.tally(
@@ -963,16 +961,31 @@ class _Statements:
             "WHERE q.mailing = :mailing AND (:sender IS NULL OR q.sender = :sender) "
             "GROUP BY q.id, q.sender, q.frozen ORDER BY q.id"
         ).bindparams(sa.bindparam("sender", type_=sa.String))
+        # The envelope (id, recipient, mail_from, created_at): in the message row on SQLite; beside
+        # the content on PostgreSQL since schema 6, where the message row keeps only what changes.
+        self.envelope = e = "ct" if pg else "m"
         self.get = sa.text(
-            "SELECT m.id, q.mailing, q.sender, m.recipient, m.mail_from, ct.content, m.state, m.attempts, "
-            "m.due, m.last_error, m.created_at, m.updated_at, m.epoch, q.epoch AS queue_epoch, q.frozen, "
-            f"q.changed_at, cl.cleared_at FROM {m} m JOIN {q} q ON q.id = m.queue_id "
+            f"SELECT {e}.id, q.mailing, q.sender, {e}.recipient, {e}.mail_from, ct.content, m.state, "
+            f"m.attempts, m.due, m.last_error, {e}.created_at, m.updated_at, m.epoch, "
+            f"q.epoch AS queue_epoch, q.frozen, q.changed_at, cl.cleared_at "
+            f"FROM {m} m JOIN {q} q ON q.id = m.queue_id "
             f"JOIN {ct} ct ON ct.seq = m.seq "
-            f"LEFT JOIN {cl} cl ON cl.queue_id = m.queue_id AND cl.epoch = m.epoch WHERE m.id = :id"
+            f"LEFT JOIN {cl} cl ON cl.queue_id = m.queue_id AND cl.epoch = m.epoch WHERE {e}.id = :id"
         )
-        lease = "id, token, attempts, created_at"
+        lease = f"{e}.id, m.token, m.attempts, {e}.created_at FROM {m} m" + (
+            f" JOIN {ct} ct ON ct.seq = m.seq" if pg else ""
+        )
         self.expired = sa.text(
-            f"SELECT {lease} FROM {m} WHERE state = {SENDING} AND expires_at <= :now ORDER BY expires_at, seq"
+            f"SELECT {lease} WHERE m.state = {SENDING} AND m.expires_at <= :now ORDER BY m.expires_at, m.seq"
+        )
+        listed_ids = "SELECT value FROM " + (
+            "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
+        )
+        self.taken = sa.text(f"SELECT id FROM {ct if pg else m} WHERE id IN ({listed_ids})")
+        self.renew = sa.text(
+            f"UPDATE {m} SET expires_at = :expires WHERE "
+            + (f"seq = (SELECT seq FROM {ct} WHERE id = :id)" if pg else "id = :id")
+            + f" AND token = :token AND state = {SENDING}"
         )
         # A message due in a queue's current epoch: a probe of the claim index, so that a claim
         # passes over the sender's queues with nothing to send (every mailing it ever sent) at the
@@ -986,8 +999,8 @@ class _Statements:
             f"AND state = {SENDING}) AS expiry, {has_due} AS due FROM {q} q WHERE sender = :sender"
         )
         self.expired_of_sender = sa.text(
-            f"SELECT {lease} FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
-            f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender) ORDER BY expires_at, seq"
+            f"SELECT {lease} WHERE m.state = {SENDING} AND m.expires_at <= :now "
+            f"AND m.queue_id IN (SELECT id FROM {q} WHERE sender = :sender) ORDER BY m.expires_at, m.seq"
         )
         # What a claim returns of each row. The token comes as the claim's token text: on
         # PostgreSQL with where the claim left the row ("@block.offset" of its ctid), so that a
@@ -1000,6 +1013,12 @@ class _Statements:
         self.returned = (
             f"{m}.seq, {m}.id, {m}.queue_id, {m}.recipient, {m}.mail_from, {m}.claimed_from, "
             f"{m}.attempts, {m}.due, {m}.last_error, {m}.created_at, {token} AS token, {m}.expires_at"
+        )
+        # PostgreSQL: what the claim's update returns of the row; the envelope and content are
+        # read beside it, in the same order of columns.
+        changed = (
+            f"{m}.seq, {m}.queue_id, {m}.claimed_from, {m}.attempts, {m}.due, {m}.last_error, "
+            f"{token} AS token, {m}.expires_at"
         )
         # Content never changes: a claim reads it beside the rows it took (SQLite).
         self.contents = sa.text(
@@ -1033,13 +1052,17 @@ class _Statements:
             # The picked rows are locked: their physical address stays theirs until the update.
             f"upd AS (UPDATE {m} SET {self.claimed} FROM pick "
             f"WHERE {m}.ctid = pick.tid AND {m}.seq = pick.seq "
-            f"RETURNING {self.returned}), "
+            f"RETURNING {changed}), "
             f"ins AS ({self.tally(f'SELECT queue_id, {counted} FROM upd GROUP BY queue_id')}) "
-            "SELECT upd.*, "
-            f"(SELECT content FROM {ct} WHERE seq = upd.seq) AS content, "
+            "SELECT upd.seq, e.id, upd.queue_id, e.recipient, e.mail_from, upd.claimed_from, upd.attempts, "
+            "upd.due, upd.last_error, e.created_at, upd.token, upd.expires_at, e.content, "
             "(SELECT mailing FROM qs WHERE qs.id = upd.queue_id) AS mailing, probe.expired "
             f"FROM (SELECT count(*) AS expired FROM {m} WHERE state = {SENDING} AND expires_at <= :now "
-            f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true"
+            f"AND queue_id IN (SELECT id FROM {q} WHERE sender = :sender)) probe LEFT JOIN upd ON true "
+            # LATERAL: one lookup of the contents' primary key per claimed row, whatever the planner
+            # believes of the tables' sizes.
+            "LEFT JOIN LATERAL (SELECT id, recipient, mail_from, created_at, content "
+            f"FROM {ct} WHERE seq = upd.seq) e ON true"
         )
         self._claim_sqlite: dict[int, sa.TextClause] = {}
         self._driver_sql: dict[sa.TextClause, str] = {}
@@ -1047,26 +1070,38 @@ class _Statements:
         if pg:
             given = (
                 "SELECT value ->> 0 AS id, CAST(value ->> 1 AS int) AS queue_id, value ->> 2 AS recipient, "
-                "value ->> 3 AS mail_from, CAST(value ->> 4 AS int) AS epoch "
-                "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(value, n) ORDER BY n"
+                "value ->> 3 AS mail_from, CAST(value ->> 4 AS int) AS epoch, n "
+                "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(value, n)"
             )
         else:
             given = (
                 "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 "
                 "FROM json_each(:rows) ORDER BY key"
             )
-        self.enqueue = sa.text(
-            f"INSERT INTO {m} (id, queue_id, recipient, mail_from, epoch, state, claimed_from, attempts, "
-            f"due, created_at, updated_at) SELECT g.*, {NEW}, {NEW}, 0, :now, :now, :now FROM ({given}) g "
-            # WHERE: SQLite would read the ON of ON CONFLICT as a join's.
-            "WHERE true ON CONFLICT (id) DO NOTHING RETURNING seq, id"
-        )
-        self.add_contents = sa.text(
-            f"INSERT INTO {ct} (seq, content) SELECT * FROM unnest(CAST(:seqs AS bigint[]), "
-            "CAST(:contents AS bytea[]))"
-            if pg
-            else f"INSERT INTO {ct} (seq, content) VALUES (:seq, :content)"
-        )
+        if pg:
+            # The envelopes and contents first, each taking the next seq in the batch's order (a
+            # volatile output is computed after the sort); a taken id inserts nothing. Then the
+            # message rows of those that went in.
+            self.enqueue = sa.text(
+                f"WITH g AS ({given}), "
+                "c AS (SELECT content, n FROM unnest(CAST(:contents AS bytea[])) "
+                "WITH ORDINALITY AS u(content, n)), "
+                f"e AS (INSERT INTO {ct} (seq, id, recipient, mail_from, created_at, content) "
+                f"SELECT nextval('{m}_seq_seq'), g.id, g.recipient, g.mail_from, :now, c.content "
+                "FROM g JOIN c ON c.n = g.n ORDER BY g.n ON CONFLICT (id) DO NOTHING RETURNING seq, id) "
+                f"INSERT INTO {m} (seq, queue_id, epoch, state, claimed_from, attempts, due, updated_at) "
+                f"SELECT e.seq, g.queue_id, g.epoch, {NEW}, {NEW}, 0, :now, :now "
+                f"FROM e JOIN g ON g.id = e.id RETURNING {m}.seq"
+            )
+        else:
+            self.enqueue = sa.text(
+                f"INSERT INTO {m} (id, queue_id, recipient, mail_from, epoch, state, claimed_from, "
+                f"attempts, due, created_at, updated_at) "
+                f"SELECT g.*, {NEW}, {NEW}, 0, :now, :now, :now FROM ({given}) g "
+                # WHERE: SQLite would read the ON of ON CONFLICT as a join's.
+                "WHERE true ON CONFLICT (id) DO NOTHING RETURNING seq, id"
+            )
+        self.add_contents = sa.text(f"INSERT INTO {ct} (seq, content) VALUES (:seq, :content)")  # SQLite
         of_mailing = "mailing = :mailing AND (:sender IS NULL OR sender = :sender)"
         for_update = " FOR UPDATE" if pg else ""  # SQLite: the writer holds the whole database
         self.lock_queues = sa.text(
@@ -1204,7 +1239,7 @@ class _Statements:
 
     @functools.cached_property
     def _settle_statement(self) -> sa.TextClause:
-        m, q = self.m, self.q
+        m, q, ct = self.m, self.q, self.ct
         # One JSON parameter: a fixed statement whatever the batch size, and on PostgreSQL far
         # cheaper to send than ten arrays (the driver dumps arrays element by element).
         if self.pg:
@@ -1223,7 +1258,8 @@ class _Statements:
         if self.pg:
             # Each claim is looked up on its own: at the physical address its claim left the row
             # (the token says where) or, if the row has moved since (a renewal, VACUUM FULL),
-            # through the primary key; the row is then updated by that address. A plan that
+            # through the id's index beside the content; the envelope there must be the claim's
+            # (id and creation time); the row is then updated by that address. A plan that
             # stays the same whatever the planner believes about the table's size (right after a
             # bulk enqueue, before autovacuum has analyzed it, it would otherwise hash-join a full
             # scan). The conditions are repeated on the updated row, so that a concurrent change
@@ -1231,18 +1267,21 @@ class _Statements:
             # freeze is never half seen.
             given += (
                 f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL ("
-                f"(SELECT ctid AS tid, queue_id FROM {m} WHERE ctid = i.loc AND id = i.mid "
-                f"AND token = i.tok) UNION ALL (SELECT ctid, queue_id FROM {m} WHERE id = i.mid "
-                "AND token = i.tok) LIMIT 1) x), "
+                f"(SELECT r.ctid AS tid, r.queue_id FROM {m} r JOIN {ct} e ON e.seq = r.seq "
+                "WHERE r.ctid = i.loc AND r.token = i.tok AND e.id = i.mid AND e.created_at = i.crt) "
+                f"UNION ALL (SELECT r.ctid, r.queue_id FROM {ct} e JOIN {m} r ON r.seq = e.seq "
+                "WHERE e.id = i.mid AND e.created_at = i.crt AND r.token = i.tok) LIMIT 1) x), "
                 f"lq AS (SELECT id, epoch FROM {q} WHERE id IN (SELECT queue_id FROM t) "
                 "ORDER BY id FOR SHARE)"
             )
             x, epoch = "t", "lq.epoch"
-            joined = f"FROM t, lq WHERE {m}.ctid = t.tid AND {m}.id = t.mid AND lq.id = {m}.queue_id"
+            joined = f"FROM t, lq WHERE {m}.ctid = t.tid AND lq.id = {m}.queue_id"
+            checked, settled = "", f"t.mid AS id, {m}.queue_id, {m}.state"
         else:
             # SQLite holds the whole database for the writer: the epoch is simply read, row by row.
             x, epoch = "i", f"(SELECT epoch FROM {q} WHERE id = {m}.queue_id)"
             joined = f"FROM i WHERE {m}.id = i.mid"
+            checked, settled = f"AND {m}.created_at = i.crt ", f"{m}.id, {m}.queue_id, {m}.state"
         update = (
             f"UPDATE {m} SET "
             f"state = CASE WHEN {m}.epoch <> {epoch} THEN {x}.dc "
@@ -1250,8 +1289,7 @@ class _Statements:
             f"due = CASE WHEN {m}.epoch = {epoch} AND {x}.nxt IS NOT NULL THEN {x}.nxt ELSE {m}.due END, "
             f"attempts = {m}.attempts - {x}.rel, last_error = COALESCE({x}.err, {m}.last_error), "
             f"token = NULL, expires_at = NULL, updated_at = :now {joined} AND {m}.token = {x}.tok "
-            f"AND {m}.attempts = {x}.att AND {m}.created_at = {x}.crt "
-            f"RETURNING {m}.id, {m}.queue_id, {m}.state"
+            f"AND {m}.attempts = {x}.att {checked}RETURNING {settled}"
         )
         head = f"WITH {given}"
         if not self.pg:

@@ -15,7 +15,7 @@ from functools import cache
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Tables", "check_namespace", "tables"]
+__all__ = ["ENVELOPE", "MIGRATIONS", "SCHEMA_VERSION", "Tables", "check_namespace", "tables"]
 
 # Stored message states; FROZEN is never stored (the sender queue's flag says it).
 NEW, RETRIES, SENDING, DELIVERED, FAILED, DELETED = 1, 2, 3, 4, 5, 6
@@ -228,7 +228,44 @@ def _v5(conn: Connection, t: Tables) -> None:
         conn.execute(sa.text(f"DROP TABLE {deltas}"))
 
 
-MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3, _v4, _v5]
+# What v6 moves out of a PostgreSQL message row: what never changes once the message is enqueued.
+ENVELOPE = ("id", "recipient", "mail_from", "created_at")
+
+
+def _v6(conn: Connection, t: Tables) -> None:
+    """Version 6, PostgreSQL: a narrow message row; the envelope moves beside the content.
+
+    Each claim and report writes a new version of the message row and an entry in each of its
+    indexes. The id, recipient, mail_from and creation time never change: they move to the
+    ``contents`` row, written once, with the id's unique index; the message row keeps what
+    claims and reports change, and ``seq`` becomes its primary key. A raw prototype of a claim
+    and a report of 100 took 12% less time with ids in enqueue order, 25% less with random ids.
+    SQLite updates a row in place and only the indexes whose columns change: it stays as it is.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    m, ct = t.messages.name, t.contents.name
+    inspector = sa.inspect(conn)
+    if "id" not in {column["name"] for column in inspector.get_columns(m)}:
+        return
+    primary = inspector.get_pk_constraint(m)["name"]
+    statements = [
+        f"ALTER TABLE {ct} ADD COLUMN id varchar(255), ADD COLUMN recipient varchar(254), "
+        "ADD COLUMN mail_from varchar(254), ADD COLUMN created_at bigint",
+        f"UPDATE {ct} SET id = m.id, recipient = m.recipient, mail_from = m.mail_from, "
+        f"created_at = m.created_at FROM {m} m WHERE m.seq = {ct}.seq",
+        f"ALTER TABLE {ct} "
+        + ", ".join(f"ALTER COLUMN {column} SET NOT NULL" for column in ENVELOPE)
+        + f", ADD CONSTRAINT {ct}_id_key UNIQUE (id)",
+        f"ALTER TABLE {m} DROP CONSTRAINT {primary}, "
+        + ", ".join(f"DROP COLUMN {column}" for column in ENVELOPE)
+        + f", ADD CONSTRAINT {m}_pkey PRIMARY KEY (seq)",
+    ]
+    for statement in statements:
+        conn.execute(sa.text(statement))
+
+
+MIGRATIONS: list[Callable[[Connection, Tables], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 """``MIGRATIONS[n]`` takes a namespace from schema version ``n`` to ``n + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""
