@@ -161,6 +161,12 @@ class BackendConformance:
         ]
         assert queue.enqueue_many([]) == []
 
+    def test_a_batch_is_claimed_in_its_order_whatever_its_ids(self, queue: SenderQueue) -> None:
+        # Ids in no order of their own (as a caller's UUIDs are): the batch's order is the queue's.
+        ids = [f"{(n * 7919) % 1000:03d}-{n}" for n in range(300)]
+        assert queue.enqueue_many(new_message(n=n, message_id=i) for n, i in enumerate(ids)) == ids
+        assert [claim.message.id for claim in queue.claim("s1", limit=300)] == ids
+
     def test_a_reused_message_id_is_rejected_and_nothing_is_stored(self, queue: SenderQueue) -> None:
         queue.enqueue_many([new_message(message_id="taken")])
         before = _snapshot(queue, ["taken"])
