@@ -528,6 +528,71 @@ def test_a_claim_leaves_the_senders_queues_without_work_alone(url: str) -> None:
 
 
 @pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+def test_a_report_that_meets_a_renewal_of_its_claim_settles_it(url: str) -> None:
+    """PostgreSQL: a renewal moves the message row; a report whose statement found the row before
+    the renewal committed still settles the claim (it used to answer LeaseLost, leaving the message
+    SENDING until its lease ran out, to be sent again)."""
+    queue = sq.SenderQueue.open(url, clock=ManualClock(START))
+    backend = queue.backend
+    assert isinstance(backend, SQLBackend)
+    fill(queue, [("m1", "s1")], 2)
+    claims = queue.claim("s1", 2)
+    holder = psycopg.connect(str(backend.engine.url.set(drivername="postgresql")))
+    reported: list[list[sq.LeaseLost | None]] = []
+    try:
+        token = int(claims[0].token.partition("@")[0])
+        # What renew() does, held uncommitted while the report's statement starts.
+        holder.execute(
+            f"UPDATE {backend._t.messages.name} SET expires_at = expires_at + 1 WHERE token = %s", (token,)
+        )
+        worker = threading.Thread(
+            target=lambda: reported.append(queue.report_many([(c, sq.Delivered()) for c in claims]))
+        )
+        worker.start()
+        time.sleep(0.5)
+    finally:
+        holder.commit()
+        holder.close()
+    worker.join(timeout=60)
+    assert reported == [[None, None]]
+    assert queue.metrics("m1") == sq.Metrics(delivered=2)
+    with pytest.raises(sq.LeaseLost):
+        queue.deliver(claims[0])
+    queue.close()
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
+def test_expiring_leases_leaves_a_lease_renewed_since_it_was_read(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: expire_leases reads the expired leases, then settles them; a renewal committed
+    in between holds (it used to be undone, and the renewed claim lost)."""
+    clock = ManualClock(START)
+    queue = sq.SenderQueue.open(url, clock=clock)
+    fill(queue, [("m1", "s1")], 1)
+    (claim,) = queue.claim("s1", 1, lease=timedelta(minutes=1))
+    clock.advance(timedelta(minutes=2))
+    renewed: list[sq.Claim] = []
+    settle = SQLBackend._settle
+
+    def renew_first(self: SQLBackend, *args: Any) -> Any:
+        if not renewed:  # from another connection, committed before the settle runs
+            lease = timedelta(minutes=10)
+            worker = threading.Thread(target=lambda: renewed.append(queue.renew(claim, lease)))
+            worker.start()
+            worker.join(timeout=60)
+        return settle(self, *args)
+
+    monkeypatch.setattr(SQLBackend, "_settle", renew_first)
+    assert queue.expire_leases() == 0
+    monkeypatch.undo()
+    assert queue.metrics("m1") == sq.Metrics(sending=1)
+    queue.deliver(renewed[0])
+    assert queue.get(claim.message.id).state is sq.State.DELIVERED
+    queue.close()
+
+
+@pytest.mark.parametrize("backend_url", [SQL[1]], indirect=True)
 def test_reads_keep_a_connection_that_outlives_a_restart_and_a_fork(url: str) -> None:
     """PostgreSQL: reads run on a connection the engine keeps. One whose server process is gone
     is replaced without an error; a forked child opens its own and leaves its parent's alone."""

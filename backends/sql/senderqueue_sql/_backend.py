@@ -159,6 +159,7 @@ class _Leave:
         if created_at is None:
             created_at = micros[self.created_at] = _us(self.created_at)
         released = 1 if trigger is _RELEASE else 0
+        lapsed = 1 if trigger is _EXPIRE else 0
         return (
             self.id,
             self.token,
@@ -171,6 +172,7 @@ class _Leave:
             self.error,
             released,
             self.place,
+            lapsed,
         )
 
 
@@ -639,8 +641,13 @@ class SQLBackend:
         id, token, attempts, created_at = row
         return _Leave(id, token, attempts, _time(created_at), Trigger.EXPIRE, "lease expired")
 
-    def _settle(self, db: _Driver, leaves: Sequence[_Leave], now: datetime, retry: RetryPolicy) -> list[bool]:
-        """Take each claim out of SENDING if it still holds; return which did, in order."""
+    def _settle(
+        self, db: _Driver, leaves: Sequence[_Leave], now: datetime, retry: RetryPolicy
+    ) -> list[bool | None]:
+        """Take each claim out of SENDING if it still holds; return which did, in order.
+
+        ``None``: found, but moved by a concurrent change before it could be settled (PostgreSQL).
+        """
         at = _us(now)
         # A message named twice is settled in order: its second report goes in a later statement.
         rounds: list[list[int]] = [list(range(len(leaves)))]
@@ -653,7 +660,7 @@ class SQLBackend:
                 if n == len(rounds):
                     rounds.append([])
                 rounds[n].append(index)
-        done = [False] * len(leaves)
+        done: list[bool | None] = [False] * len(leaves)
         for indexes in rounds:
             for start in range(0, len(indexes), _BATCH):
                 chunk = [leaves[i] for i in indexes[start : start + _BATCH]]
@@ -667,9 +674,11 @@ class SQLBackend:
                         counts[queue_id][_COUNTER[state]] += 1
                         counts[queue_id]["sending"] -= 1
                     self._count(db, counts)
-                ids = {id for id, _, _ in settled}
+                ids = {id for id, _, state in settled if state is not None}
+                moved = {id for id, _, state in settled if state is None}
                 for i in indexes[start : start + _BATCH]:
-                    done[i] = leaves[i].id in ids
+                    id = leaves[i].id
+                    done[i] = True if id in ids else None if id in moved else False
         return done
 
     def settle(
@@ -697,12 +706,31 @@ class SQLBackend:
                     place,
                 )
             )
-        single = len(leaves) <= _BATCH and len({leave.id for leave in leaves}) == len(leaves)
-        done = self._hot(lambda db: self._settle(db, leaves, now, retry), single=single) if leaves else []
+        done = self._settle_hot(leaves, now, retry) if leaves else []
+        moved = [i for i, settled in enumerate(done) if settled is None]
+        if moved:
+            # A renewal moved these rows while the report looked at them: their claims still held.
+            # Settled again, they are found where they are now.
+            again = [leaves[i] for i in moved]
+            for leave in again:
+                leave.place = None
+            try:
+                redone = self._settle_hot(again, now, retry)
+            except BackendError as failure:  # the first statement is committed: say what it did
+                _log.warning("report settled %d claims, then stopped: %s", done.count(True), failure)
+                redone = [False] * len(again)
+            for i, settled in zip(moved, redone, strict=True):
+                done[i] = settled
         return [
             None if position is not None and done[position] else LeaseLost(s.claim.message.id)
             for s, position in zip(settlements, positions, strict=True)
         ]
+
+    def _settle_hot(self, leaves: list[_Leave], now: datetime, retry: RetryPolicy) -> list[bool | None]:
+        # One statement, in autocommit on PostgreSQL, unless a message is named twice or the batch
+        # needs several statements: then one transaction.
+        single = len(leaves) <= _BATCH and len({leave.id for leave in leaves}) == len(leaves)
+        return self._hot(lambda db: self._settle(db, leaves, now, retry), single=single)
 
     def renew(self, claim: Claim, lease: timedelta, now: datetime) -> Claim:
         parsed = _token(claim)
@@ -718,7 +746,7 @@ class SQLBackend:
     def expire_leases(self, now: datetime, retry: RetryPolicy) -> int:
         def work(db: _Driver) -> int:
             expired = db.rows(self._sql.expired, {"now": _us(now)})
-            return sum(self._settle(db, [self._expiry(row) for row in expired], now, retry))
+            return self._settle(db, [self._expiry(row) for row in expired], now, retry).count(True)
 
         return self._hot(work)
 
@@ -1197,7 +1225,7 @@ class _Statements:
             self._claim_sqlite[queues] = statement
         return statement
 
-    _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel", "loc")
+    _COLUMNS = ("mid", "tok", "att", "crt", "dn", "dr", "dc", "nxt", "err", "rel", "loc", "lap")
     _TYPES = (
         "text",
         "bigint",
@@ -1210,6 +1238,7 @@ class _Statements:
         "text",
         "int",
         "tid",
+        "int",
     )
 
     def tally(self, source: str) -> str:
@@ -1263,8 +1292,10 @@ class _Statements:
             # stays the same whatever the planner believes about the table's size (right after a
             # bulk enqueue, before autovacuum has analyzed it, it would otherwise hash-join a full
             # scan). The conditions are repeated on the updated row, so that a concurrent change
-            # is re-checked. The sender queues are share-locked (in id order), so that a clear or
-            # freeze is never half seen.
+            # is re-checked; a row that a concurrent change (a renewal) moved after it was found
+            # is not updated, and the statement returns it without a state, for the caller to
+            # settle once more. The sender queues are share-locked (in id order), so that a clear
+            # or freeze is never half seen.
             given += (
                 f", t AS (SELECT i.*, x.tid, x.queue_id FROM i CROSS JOIN LATERAL ("
                 f"(SELECT r.ctid AS tid, r.queue_id FROM {m} r JOIN {ct} e ON e.seq = r.seq "
@@ -1289,7 +1320,9 @@ class _Statements:
             f"due = CASE WHEN {m}.epoch = {epoch} AND {x}.nxt IS NOT NULL THEN {x}.nxt ELSE {m}.due END, "
             f"attempts = {m}.attempts - {x}.rel, last_error = COALESCE({x}.err, {m}.last_error), "
             f"token = NULL, expires_at = NULL, updated_at = :now {joined} AND {m}.token = {x}.tok "
-            f"AND {m}.attempts = {x}.att {checked}RETURNING {settled}"
+            # A lease settled as expired must still be expired: renewed since it was read, it holds.
+            f"AND {m}.attempts = {x}.att AND ({x}.lap = 0 OR {m}.expires_at <= :now) "
+            f"{checked}RETURNING {settled}"
         )
         head = f"WITH {given}"
         if not self.pg:
@@ -1305,5 +1338,6 @@ class _Statements:
         return sa.text(
             f"{head}, upd AS ({update}), "
             f"ins AS ({self.tally(f'SELECT queue_id, {counted} FROM upd GROUP BY queue_id')}) "
-            "SELECT id, queue_id, state FROM upd"
+            "SELECT id, queue_id, state FROM upd "
+            "UNION ALL SELECT mid, NULL, NULL FROM t WHERE mid NOT IN (SELECT id FROM upd)"
         )
