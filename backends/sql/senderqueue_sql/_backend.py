@@ -991,7 +991,7 @@ class _Statements:
         ).bindparams(sa.bindparam("sender", type_=sa.String))
         # The envelope (id, recipient, mail_from, created_at): in the message row on SQLite; beside
         # the content on PostgreSQL since schema 6, where the message row keeps only what changes.
-        self.envelope = e = "ct" if pg else "m"
+        e = "ct" if pg else "m"
         self.get = sa.text(
             f"SELECT {e}.id, q.mailing, q.sender, {e}.recipient, {e}.mail_from, ct.content, m.state, "
             f"m.attempts, m.due, m.last_error, {e}.created_at, m.updated_at, m.epoch, "
@@ -1006,10 +1006,9 @@ class _Statements:
         self.expired = sa.text(
             f"SELECT {lease} WHERE m.state = {SENDING} AND m.expires_at <= :now ORDER BY m.expires_at, m.seq"
         )
-        listed_ids = "SELECT value FROM " + (
-            "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
-        )
-        self.taken = sa.text(f"SELECT id FROM {ct if pg else m} WHERE id IN ({listed_ids})")
+        # The elements of a JSON array parameter, as text.
+        elements = "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
+        self.taken = sa.text(f"SELECT id FROM {ct if pg else m} WHERE id IN (SELECT value FROM {elements})")
         self.renew = sa.text(
             f"UPDATE {m} SET expires_at = :expires WHERE "
             + (f"seq = (SELECT seq FROM {ct} WHERE id = :id)" if pg else "id = :id")
@@ -1052,9 +1051,7 @@ class _Statements:
         self.contents = sa.text(
             f"SELECT seq, content FROM {ct} WHERE seq IN (SELECT value FROM json_each(:seqs))"
         )
-        listed = "SELECT CAST(value AS int) FROM " + (
-            "json_array_elements_text(CAST(:ids AS json))" if pg else "json_each(:ids)"
-        )
+        listed = f"SELECT CAST(value AS int) FROM {elements}"
         self.names = sa.text(f"SELECT id, mailing, sender FROM {q} WHERE id IN ({listed})")
         self.claimed = (
             f"state = {SENDING}, claimed_from = {m}.state, attempts = {m}.attempts + 1, "

@@ -15,7 +15,7 @@ from functools import cache
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-__all__ = ["ENVELOPE", "MIGRATIONS", "SCHEMA_VERSION", "Tables", "check_namespace", "tables"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Tables", "check_namespace", "tables"]
 
 # Stored message states; FROZEN is never stored (the sender queue's flag says it).
 NEW, RETRIES, SENDING, DELIVERED, FAILED, DELETED = 1, 2, 3, 4, 5, 6
@@ -229,7 +229,7 @@ def _v5(conn: Connection, t: Tables) -> None:
 
 
 # What v6 moves out of a PostgreSQL message row: what never changes once the message is enqueued.
-ENVELOPE = ("id", "recipient", "mail_from", "created_at")
+_ENVELOPE = ("id", "recipient", "mail_from", "created_at")
 
 
 def _v6(conn: Connection, t: Tables) -> None:
@@ -255,10 +255,10 @@ def _v6(conn: Connection, t: Tables) -> None:
         f"UPDATE {ct} SET id = m.id, recipient = m.recipient, mail_from = m.mail_from, "
         f"created_at = m.created_at FROM {m} m WHERE m.seq = {ct}.seq",
         f"ALTER TABLE {ct} "
-        + ", ".join(f"ALTER COLUMN {column} SET NOT NULL" for column in ENVELOPE)
+        + ", ".join(f"ALTER COLUMN {column} SET NOT NULL" for column in _ENVELOPE)
         + f", ADD CONSTRAINT {ct}_id_key UNIQUE (id)",
         f"ALTER TABLE {m} DROP CONSTRAINT {primary}, "
-        + ", ".join(f"DROP COLUMN {column}" for column in ENVELOPE)
+        + ", ".join(f"DROP COLUMN {column}" for column in _ENVELOPE)
         + f", ADD CONSTRAINT {m}_pkey PRIMARY KEY (seq)",
     ]
     for statement in statements:
